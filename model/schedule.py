@@ -1,0 +1,124 @@
+"""Learning-rate schedule: linear warmup, then cosine (or step) decay, then cooldown at min_lr.
+
+`lr_at(step, cfg)` is a pure function of the global optimizer-update count. It reproduces
+timm's `create_scheduler_v2(..., step_on_epochs=False, updates_per_epoch=steps_per_epoch)`
+followed by `scheduler.step_update(step)` exactly (tests/test_schedule.py compares every step),
+so a run here follows the same LR curve as timm's train.py with `--sched-on-updates`.
+Being pure makes resume trivial: the LR of step N depends on N and the config only.
+
+timm semantics kept on purpose (see timm/scheduler/{cosine_lr,step_lr,scheduler_factory}.py):
+- warmup is linear from `warmup_lr` towards `base_lr` over `warmup_epochs` and, with
+  `warmup_prefix=False` (timm's default), lies *inside* `epochs`: after warmup the cosine
+  continues at its value for that step (a small jump down, not a restart from base_lr);
+- cosine reaches `min_lr` at step `epochs * steps_per_epoch` and stays there: cooldown epochs
+  extend the run at `min_lr` (timm adds them to the total epoch count for cosine only);
+- step decays by `decay_rate` every `decay_epochs`; timm does *not* add cooldown epochs to a
+  step schedule's length, so `total_epochs()` ignores `cooldown_epochs` for `sched="step"`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+SCHEDULES = ("cosine", "step")
+
+# Defaults of timm's current train.py (the reference port ran an older timm whose defaults were
+# warmup_lr 1e-4, min_lr 1e-5/1e-6, warmup_epochs 3, cooldown_epochs 10; pass those to reproduce it).
+DEFAULT_BASE_LR_PER_256 = 0.1
+DEFAULT_WARMUP_EPOCHS = 5
+DEFAULT_WARMUP_LR = 1e-5
+DEFAULT_MIN_LR = 0.0
+DEFAULT_DECAY_EPOCHS = 90
+DEFAULT_DECAY_RATE = 0.1
+DEFAULT_COOLDOWN_EPOCHS = 0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    base_lr: float
+    epochs: int
+    steps_per_epoch: int  # optimizer updates per epoch on each rank
+    sched: str = "cosine"
+    warmup_epochs: int = DEFAULT_WARMUP_EPOCHS
+    warmup_lr: float = DEFAULT_WARMUP_LR
+    min_lr: float = DEFAULT_MIN_LR
+    decay_epochs: float = DEFAULT_DECAY_EPOCHS
+    decay_rate: float = DEFAULT_DECAY_RATE
+    cooldown_epochs: int = DEFAULT_COOLDOWN_EPOCHS
+    warmup_prefix: bool = False  # True: warmup comes before `epochs` of decay instead of inside them
+
+    def __post_init__(self):
+        if self.sched not in SCHEDULES:
+            raise ValueError(f"unknown LR schedule {self.sched!r}: choose {' or '.join(SCHEDULES)}")
+        if self.steps_per_epoch < 1 or self.epochs < 1:
+            raise ValueError(f"the LR schedule needs epochs >= 1 and steps_per_epoch >= 1 "
+                             f"(got {self.epochs} and {self.steps_per_epoch})")
+
+
+def scale_lr(base_lr_per_256: float, global_batch: int, base_size: int = 256) -> float:
+    """Linear scaling rule, as timm's train.py does for SGD when --lr is not given."""
+    return base_lr_per_256 * global_batch / base_size
+
+
+def lr_at(step: int, cfg: ScheduleConfig) -> float:
+    """LR for the optimizer update number `step` (0-based; counted over the whole run)."""
+    spe = cfg.steps_per_epoch
+    warmup_t = cfg.warmup_epochs * spe
+    if step < warmup_t:
+        # same expression order as timm so the floats are bit-identical
+        return cfg.warmup_lr + step * ((cfg.base_lr - cfg.warmup_lr) / warmup_t)
+    t = step - warmup_t if cfg.warmup_prefix else step
+    if cfg.sched == "step":
+        return cfg.base_lr * (cfg.decay_rate ** (t // (cfg.decay_epochs * spe)))
+    t_initial = cfg.epochs * spe
+    if t >= t_initial:  # one cosine cycle, then min_lr for the cooldown (and beyond)
+        return cfg.min_lr
+    return cfg.min_lr + 0.5 * (cfg.base_lr - cfg.min_lr) * (1 + math.cos(math.pi * float(t) / float(t_initial)))
+
+
+def total_epochs(cfg: ScheduleConfig) -> int:
+    """Epochs to train, as timm's create_scheduler_v2 returns them (includes prefix warmup/cooldown)."""
+    if cfg.sched == "cosine":
+        steps = cfg.epochs * cfg.steps_per_epoch
+        steps += cfg.warmup_epochs * cfg.steps_per_epoch if cfg.warmup_prefix else 0
+        return (steps + cfg.cooldown_epochs * cfg.steps_per_epoch) // cfg.steps_per_epoch
+    return cfg.epochs + (cfg.warmup_epochs if cfg.warmup_prefix else 0)
+
+
+def total_steps(cfg: ScheduleConfig) -> int:
+    return total_epochs(cfg) * cfg.steps_per_epoch
+
+
+class LRSchedule:
+    """Writes `lr_at(global_step)` into every param group; call `.step(global_step)` before each
+    optimizer update, with global_step = updates done so far (epoch * steps_per_epoch + i).
+
+    A tensor 'lr' (fused SGD) is filled in place: the optimizer keeps the same tensor object, so
+    a compiled step never recompiles and no host-device sync is needed.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig):
+        self.optimizer = optimizer
+        self.cfg = cfg
+        self.last_step = 0
+        self.last_lr = self.step(0)
+
+    def step(self, global_step: int) -> float:
+        lr = lr_at(global_step, self.cfg)
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        self.last_step, self.last_lr = global_step, lr
+        return lr
+
+    def state_dict(self) -> dict:
+        return {"cfg": asdict(self.cfg), "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores the saved config (like timm's scheduler) and re-applies the LR of the saved step."""
+        self.cfg = ScheduleConfig(**state["cfg"])
+        self.step(int(state["last_step"]))
