@@ -1,0 +1,46 @@
+"""The model: any timm architecture, randomly initialised, on its device in channels-last layout.
+
+`gluon_resnet50_v1b` (the default) is timm's deprecated alias of `resnet50.gluon_in1k`: a
+ResNet-50 whose stride-2 downsampling sits in the 3x3 conv, 25,557,032 parameters.
+"""
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "gluon_resnet50_v1b"
+
+
+def _to_torch_device(device) -> torch.device | None:
+    if device is None:
+        return None
+    return getattr(device, "torch", None) or torch.device(device)  # model.device.Device or str/torch.device
+
+
+def create_model(name: str = DEFAULT_MODEL, num_classes: int = 1000, zero_init_last: bool = True,
+                 channels_last: bool = True, device=None, **kwargs) -> nn.Module:
+    """Build `name` from timm (never pretrained: we train from scratch).
+
+    zero_init_last zeroes the last BN gamma of every residual block (timm ResNets accept it;
+    "Bag of Tricks", Goyal et al.). Architectures whose constructor has no such argument are built
+    without it, silently: the flag is a ResNet recipe detail, not a reason to refuse a model.
+    Unknown names raise ValueError.
+    """
+    build = dict(pretrained=False, num_classes=num_classes, **kwargs)
+    try:
+        try:
+            model = timm.create_model(name, zero_init_last=zero_init_last, **build)
+        except TypeError as e:
+            if "zero_init_last" not in str(e):
+                raise
+            model = timm.create_model(name, **build)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(f"unknown model {name!r}: use a timm model name, e.g. {DEFAULT_MODEL} "
+                             f"or resnet50 (timm.list_models() lists them)") from None
+        raise
+    dev = _to_torch_device(device)
+    if dev is not None or channels_last:
+        model = model.to(device=dev, memory_format=torch.channels_last if channels_last else None)
+    return model
