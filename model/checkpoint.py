@@ -1,0 +1,212 @@
+"""Checkpoints: atomic, `torch.load(weights_only=True)`-safe, loadable straight into timm.
+
+A checkpoint is a dict of tensors and plain Python values only:
+  model        state_dict of the unwrapped module (no `module.` / `_orig_mod.` prefixes)
+  optimizer    optimizer.state_dict() (momentum buffers)
+  scaler       precision.state_dict() (GradScaler / Apex loss scale; {} for bf16/fp32)
+  schedule     LRSchedule.state_dict()
+  epoch        the epoch just finished; resume continues at epoch + 1
+  config       the run's resolved config (values that are not plain types become strings)
+  rng          python `random`, numpy (as lists), torch CPU and accelerator generator states
+  metric       this epoch's metric; best_metric  the best so far
+Files are written to a temporary file in the same folder, flushed, fsynced, then renamed over
+the target, so a crash mid-write never leaves a truncated last.pth or best.pth.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+
+import torch
+from torch import nn
+
+from model.device import Device
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read; the message is one line for the user."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/DataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers, any nesting."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """torch.save `state` to `path` atomically: temp file in the same dir, fsync, os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(folder)  # make the rename itself durable
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"cannot read checkpoint {path}: not a dict but {type(state).__name__}")
+    return state
+
+
+def rng_state(device: Device | None = None) -> dict:
+    """Generator states as tensors and plain Python values (weights_only-safe)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    if device is not None and device.is_accelerator:
+        state[device.type] = device.module.get_rng_state(device.index)
+    return state
+
+
+def set_rng_state(state: dict, device: Device | None = None) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if device is not None and device.is_accelerator and device.type in state:
+        device.module.set_rng_state(state[device.type].cpu(), device.index)
+
+
+def _plain(value):
+    """Config values as weights_only-safe types (paths, enums, namespaces become strings)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _load_optimizer(optimizer, state: dict) -> None:
+    # Optimizer.load_state_dict replaces every param group with the saved one. Keep what belongs
+    # to this process: the kernel choice (a CUDA run's fused=True may not exist on the resuming
+    # device) and the LR's type -- a device-resident tensor LR stays the same object, its value
+    # copied in, so the schedule and any compiled step keep pointing at it.
+    before = [dict(g) for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, old in zip(optimizer.param_groups, before):
+        for key in _IMPLEMENTATION_KEYS:
+            if key in old:
+                group[key] = old[key]
+        value = float(group["lr"])
+        if torch.is_tensor(old["lr"]):
+            old["lr"].fill_(value)
+            group["lr"] = old["lr"]
+        else:
+            group["lr"] = value
+
+
+class CheckpointSaver:
+    """Writes `last.pth` every epoch and `best.pth` when the metric improves (rank 0 only)."""
+
+    def __init__(self, output_dir: str, device: Device | None = None, best_metric: float | None = None):
+        self.output_dir = output_dir
+        self.device = device  # whose accelerator RNG goes into the checkpoint
+        self.best_metric = best_metric  # pass resume()'s best_metric when resuming
+        self.last_path = os.path.join(output_dir, "last.pth")
+        self.best_path = os.path.join(output_dir, "best.pth")
+
+    def _improves(self, metric: float | None, higher_is_better: bool) -> bool:
+        if metric is None or math.isnan(metric):
+            return False
+        if self.best_metric is None:
+            return True
+        return metric > self.best_metric if higher_is_better else metric < self.best_metric
+
+    def save(self, epoch: int, model, optimizer, precision, schedule, config: dict,
+             metric: float | None = None, higher_is_better: bool = True) -> bool:
+        """Returns True when this epoch became best.pth."""
+        is_best = self._improves(metric, higher_is_better)
+        if is_best:
+            self.best_metric = float(metric)
+        state = {
+            "model": unwrap_model(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": precision.state_dict() if precision is not None else {},
+            "schedule": schedule.state_dict() if schedule is not None else {},
+            "epoch": int(epoch),
+            "config": _plain(config or {}),
+            "rng": rng_state(self.device),
+            "metric": None if metric is None else float(metric),
+            "best_metric": self.best_metric,
+        }
+        save_checkpoint(self.last_path, state)
+        if is_best:
+            save_checkpoint(self.best_path, state)
+        return is_best
+
+
+def resume(path: str, model, optimizer, precision, schedule, device: Device | None = None,
+           restore_rng: bool = True) -> dict:
+    """Restore everything `CheckpointSaver.save` wrote; returns {'epoch': next epoch to run,
+    'best_metric', 'config', 'metric'}. Call on every rank, after precision.prepare() and
+    before wrapping the model in DDP/compile (wrappers are stripped either way)."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("model", "optimizer", "epoch") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not written by this trainer")
+    try:
+        unwrap_model(model).load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: "
+                              f"{str(e).strip().splitlines()[0]}") from None
+    _load_optimizer(optimizer, ckpt["optimizer"])
+    if precision is not None:
+        precision.load_state_dict(ckpt.get("scaler") or {})
+    if schedule is not None and ckpt.get("schedule"):
+        schedule.load_state_dict(ckpt["schedule"])
+    if restore_rng and ckpt.get("rng"):
+        set_rng_state(ckpt["rng"], device)
+    return {"epoch": int(ckpt["epoch"]) + 1, "best_metric": ckpt.get("best_metric"),
+            "config": ckpt.get("config", {}), "metric": ckpt.get("metric")}
