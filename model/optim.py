@@ -5,8 +5,10 @@ Choice, in order (the description string says which was taken, for the log):
 - NPU: `torch_npu.optim.NpuFusedSGD` when torch_npu provides it (float LR), else torch's SGD.
   Untested here: no Ascend hardware was available;
 - otherwise torch's `SGD(fused=True)` when a one-element probe step on this device works (CUDA
-  since torch 2.3, CPU since 2.4), with the LR as a 0-dim tensor on the device if the fused
-  kernel accepts one: the schedule then fills it in place, without a host sync or recompile;
+  in every torch >= 2.4; the CPU kernel arrived in 2.4, pytorch#123629), with the LR as a 0-dim
+  tensor on the device if the fused kernel accepts one: the schedule then fills it in place,
+  without a host sync or recompile. Not for low-precision params on the CPU, whose fused kernel
+  skipped updates in some releases (pytorch#191763);
 - else torch's `SGD(foreach=...)` default with a float LR (foreach would `.item()` a tensor LR).
 """
 from __future__ import annotations
@@ -91,6 +93,8 @@ def create_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_
         return torch.optim.SGD(groups, **sgd), f"torch.optim.SGD (no NPU fused SGD found), float LR, {tail}"
 
     fused, tensor_lr = _fused_sgd_support(device.torch)
+    if device.type == "cpu" and any(p.dtype not in (torch.float32, torch.float64) for p in model.parameters()):
+        fused = False  # pytorch#191763: CPU fused SGD skipped fp16/bf16 updates
     if fused:
         if tensor_lr:
             sgd["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device.torch)
@@ -98,4 +102,4 @@ def create_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_
         kind = "0-dim tensor LR on the device" if tensor_lr else "float LR"
         return opt, f"torch.optim.SGD(fused=True) on {device.type}, {kind}, {tail}"
     opt = torch.optim.SGD(groups, **sgd)  # torch picks foreach on accelerators
-    return opt, f"torch.optim.SGD (fused unavailable on {device.type}), float LR, {tail}"
+    return opt, f"torch.optim.SGD (fused not used on {device.type}), float LR, {tail}"

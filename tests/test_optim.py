@@ -46,6 +46,9 @@ def test_fused_sgd_with_tensor_lr_on_cpu(resnet):
         assert all(torch.is_tensor(g["lr"]) and g["lr"].dim() == 0 for g in opt.param_groups)
         assert "fused=True" in desc and "tensor LR" in desc
     assert "weight decay 0.0001 on 21 tensors, none on 41" in desc
+    # low-precision params on the CPU avoid the fused kernel (pytorch#191763 skipped their updates)
+    half, _ = create_optimizer(nn.Linear(32, 32).bfloat16(), lr=0.1, device=CPU)
+    assert not any(g["fused"] for g in half.param_groups)
 
 
 def test_only_decayed_params_move_with_zero_grads():
