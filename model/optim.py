@@ -93,7 +93,8 @@ def create_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_
         return torch.optim.SGD(groups, **sgd), f"torch.optim.SGD (no NPU fused SGD found), float LR, {tail}"
 
     fused, tensor_lr = _fused_sgd_support(device.torch)
-    if device.type == "cpu" and any(p.dtype not in (torch.float32, torch.float64) for p in model.parameters()):
+    low_precision = any(p.dtype not in (torch.float32, torch.float64) for p in model.parameters())
+    if device.type == "cpu" and low_precision:
         fused = False  # pytorch#191763: CPU fused SGD skipped fp16/bf16 updates
     if fused:
         if tensor_lr:

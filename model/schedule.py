@@ -75,7 +75,8 @@ def lr_at(step: int, cfg: ScheduleConfig) -> float:
     t_initial = cfg.epochs * spe
     if t >= t_initial:  # one cosine cycle, then min_lr for the cooldown (and beyond)
         return cfg.min_lr
-    return cfg.min_lr + 0.5 * (cfg.base_lr - cfg.min_lr) * (1 + math.cos(math.pi * float(t) / float(t_initial)))
+    cosine = 1 + math.cos(math.pi * float(t) / float(t_initial))
+    return cfg.min_lr + 0.5 * (cfg.base_lr - cfg.min_lr) * cosine
 
 
 def total_epochs(cfg: ScheduleConfig) -> int:

@@ -57,7 +57,8 @@ def test_read_metrics_ignores_other_kinds_and_later_lines_win(tmp_path):
 def test_cli_with_output_path(tmp_path):
     path = _write_run(tmp_path / "run")
     out = tmp_path / "curves.png"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_metrics.py"), str(path), "-o", str(out)],
+    script = ROOT / "tools" / "plot_metrics.py"
+    proc = subprocess.run([sys.executable, str(script), str(path), "-o", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert _png_size(out) == (1200, 800)
