@@ -1,0 +1,151 @@
+"""Stage 3a: samples out of one tar shard.
+
+A minimal tar reader instead of webdataset's `tar_file_expander` + `group_by_keys`: measured on
+the 2-core development machine it costs 25 us per 110 KiB sample against 145 us (tarfile's
+per-member objects), which is 10% of a core's decode budget. It groups members into samples
+the webdataset way (key = path up to the first dot of the file name, extension lower-cased),
+reads USTAR, PAX and GNU long-name headers, skips the first `skip` samples by seeking where the
+file allows it, and reports a truncated or corrupt shard instead of dying. Remote shards
+(http, pipe:) are opened with webdataset's `gopen`.
+"""
+from __future__ import annotations
+
+import os
+
+from .info import is_remote
+
+BLOCK = 512
+
+
+class ShardCorrupt(Exception):
+    """The shard ends early or holds a damaged header; samples before the damage were kept."""
+
+
+def open_shard(url: str):
+    if is_remote(url):
+        import webdataset as wds
+        return wds.gopen(url, "rb")
+    return open(url, "rb", buffering=0)
+
+
+def _read_exact(f, n: int) -> bytearray:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = f.readinto(view[got:])
+        if not k:
+            raise ShardCorrupt(f"ends inside a member ({got} of {n} bytes)")
+        got += k
+    return buf
+
+
+def _read_upto(f, n: int) -> bytes:
+    """Up to n bytes; fewer only at the end of the stream."""
+    out = b""
+    while len(out) < n:
+        chunk = f.read(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def _skip(f, n: int, seekable: bool) -> None:
+    if seekable:
+        f.seek(n, os.SEEK_CUR)
+        return
+    while n > 0:
+        n -= len(_read_exact(f, min(n, 1 << 20)))
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for members over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    field = field.rstrip(b"\0 ").lstrip(b" ")
+    return int(field, 8) if field else 0
+
+
+def _pax_path(data: bytes) -> str | None:
+    for record in bytes(data).split(b"\n"):
+        _, _, kv = record.partition(b" ")
+        key, _, value = kv.partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "replace")
+    return None
+
+
+def members(f):
+    """Yield (name, size, read) for every regular file; read() returns its bytes once.
+
+    A member's data must be read (or is skipped) before the next member is produced.
+    """
+    seekable = getattr(f, "seekable", lambda: False)()
+    long_name = None
+    while True:
+        hdr = _read_upto(f, BLOCK)
+        if not hdr:
+            return  # clean EOF without the end-of-archive blocks: nothing lost
+        if len(hdr) < BLOCK:
+            raise ShardCorrupt("ends inside a header")
+        if hdr.count(0) == BLOCK:
+            return  # end-of-archive marker
+        if _octal(hdr[148:156]) != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+            raise ShardCorrupt("damaged tar header")
+        size = _octal(hdr[124:136])
+        padded = size + (-size) % BLOCK
+        kind = hdr[156:157]
+        name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if hdr[257:262] == b"ustar" and hdr[345]:
+            name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        if kind in (b"x", b"L"):  # PAX extended header / GNU long name for the next member
+            data = _read_exact(f, padded)[:size]
+            long_name = _pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode()
+            continue
+        if kind not in (b"0", b"\0", b"7"):  # directories, links, global headers
+            _skip(f, padded, seekable)
+            continue
+        name, long_name = long_name or name, None
+        state = {"done": False}
+
+        def read(size=size, padded=padded, state=state):
+            state["done"] = True
+            data = _read_exact(f, size)
+            if padded > size:
+                _skip(f, padded - size, seekable)
+            return data
+
+        yield name, size, read
+        if not state["done"]:
+            _skip(f, padded, seekable)
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key ends at the first dot of the file name."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:].lower()
+
+
+def iter_samples(f, skip: int = 0, take: int | None = None):
+    """Yield samples {'__key__': key, ext: bytearray} number skip .. skip+take-1 of the shard.
+
+    Raises ShardCorrupt after the last intact sample when the shard is damaged.
+    """
+    index, key, sample = -1, None, None
+    end = None if take is None else skip + take
+    for name, _size, read in members(f):
+        k, ext = split_key(name)
+        if k != key:
+            if sample is not None:
+                yield sample
+            index, key, sample = index + 1, k, None
+            if end is not None and index >= end:
+                return
+            if index >= skip:
+                sample = {"__key__": k}
+        if sample is not None and ext:
+            sample[ext] = read()
+    if sample is not None:
+        yield sample

@@ -1,0 +1,127 @@
+"""Decode + augment: formats, crop geometry, agreement with timm/PIL, reduced-size decoding."""
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import transforms as T
+
+
+def smooth_image(w, h, seed=0):
+    """A smooth RGB picture (resizes of it are comparable across implementations)."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (max(2, h // 32), max(2, w // 32), 3), dtype=np.uint8))
+    return small.resize((w, h), Image.BICUBIC)
+
+
+def encode(im, fmt="JPEG", **kw):
+    b = io.BytesIO()
+    im.save(b, format=fmt, quality=95, **kw) if fmt == "JPEG" else im.save(b, format=fmt, **kw)
+    return bytearray(b.getvalue())
+
+
+def hwc(t):
+    return t.numpy().astype(np.int32)
+
+
+@pytest.mark.parametrize("mode,progressive", [("RGB", False), ("RGB", True), ("L", False), ("CMYK", False)])
+def test_jpeg_header(mode, progressive):
+    data = encode(smooth_image(123, 77).convert(mode), progressive=progressive)
+    w, h, comps = T.jpeg_header(data)
+    assert (w, h) == (123, 77) and comps == {"RGB": 3, "L": 1, "CMYK": 4}[mode]
+    assert T.jpeg_header(encode(smooth_image(10, 10), "PNG")) is None
+    assert T.jpeg_header(bytearray(b"\xff\xd8garbage")) is None
+
+
+def test_rrc_box_inside_image_with_scale_and_ratio():
+    rng = random.Random(0)
+    for _ in range(2000):
+        w, h = rng.randint(1, 900), rng.randint(1, 900)
+        x, y, cw, ch = T.rrc_box(w, h, rng)
+        assert 0 <= x and 0 <= y and x + cw <= w and y + ch <= h and cw > 0 and ch > 0
+    areas = [T.rrc_box(500, 375, rng) for _ in range(2000)]
+    frac = np.array([cw * ch / (500 * 375) for _, _, cw, ch in areas])
+    assert frac.min() >= 0.07 and frac.max() <= 1.0 and 0.4 < frac.mean() < 0.65
+
+
+@pytest.mark.parametrize("decoder", ["tv", "pil"])
+@pytest.mark.parametrize("fmt,mode", [("JPEG", "RGB"), ("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGB"),
+                                      ("PNG", "RGBA"), ("WEBP", "RGB"), ("BMP", "RGB")])
+def test_formats_decode_to_rgb_like_pil(decoder, fmt, mode):
+    im = smooth_image(160, 120).convert(mode)
+    data = encode(im, fmt)
+    ref = np.asarray(Image.open(io.BytesIO(bytes(data))).convert("RGB").resize((64, 64), Image.BILINEAR))
+    out = torch.empty((64, 64, 3), dtype=torch.uint8)
+    tf = T.EvalTransform(64, crop_pct=1.0, interpolation="bilinear", decoder=decoder)
+    T.resize_into(*T.decode(data, lambda w, h: (0, 0, w, h), (64, 64), decoder), out, False, "bilinear")
+    assert np.abs(hwc(out) - ref).mean() < 3
+    tf(data, out)  # the full eval path accepts every format too
+    assert out.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("data", [bytearray(), bytearray(b"not an image at all"),
+                                  bytearray(b"\xff\xd8\xff\xe0" + bytes(300))])
+def test_undecodable_bytes_raise_decode_error(data):
+    with pytest.raises(T.DecodeError):
+        T.TrainTransform(32)(data, torch.empty((32, 32, 3), dtype=torch.uint8), random.Random(0))
+
+
+def test_truncated_jpeg_raises_decode_error():
+    data = encode(smooth_image(300, 200))
+    with pytest.raises(T.DecodeError):
+        T.EvalTransform(32)(data[: len(data) // 2], torch.empty((32, 32, 3), dtype=torch.uint8))
+
+
+def test_eval_transform_matches_timm():
+    from timm.data import create_transform
+    im = smooth_image(500, 375)
+    data = encode(im)
+    ref_tf = create_transform(224, is_training=False, crop_pct=0.875, interpolation="bicubic")
+    ref = (ref_tf(Image.open(io.BytesIO(bytes(data))).convert("RGB")))  # normalised float CHW
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    ref = (ref * std[:, None, None] + mean[:, None, None]).mul(255).permute(1, 2, 0).numpy()
+    out = torch.empty((224, 224, 3), dtype=torch.uint8)
+    T.EvalTransform(224, 0.875, "bicubic")(data, out)
+    assert np.abs(hwc(out) - ref).mean() < 3.0  # PIL's and torch's bicubic differ slightly
+    T.EvalTransform(224, 1.0, "bicubic")(data, out)
+    assert np.abs(hwc(out) - ref).mean() > 6.0  # ...much less than a wrong crop does
+
+
+def test_flip_mirrors_the_same_crop():
+    data = encode(smooth_image(400, 300))
+    img, box = T.decode(data, lambda w, h: (50, 40, 200, 150), (96, 96))
+    a, b = (torch.empty((96, 96, 3), dtype=torch.uint8) for _ in range(2))
+    T.resize_into(img, box, a, False, "bilinear")
+    T.resize_into(img, box, b, True, "bilinear")
+    assert torch.equal(a.flip(1), b) and not torch.equal(a, b)
+
+
+def test_train_transform_is_deterministic_per_rng_and_random_across_draws():
+    data = encode(smooth_image(300, 200))
+    tf = T.TrainTransform(64)
+    outs = []
+    for seed in (1, 1, 2):
+        out = torch.empty((64, 64, 3), dtype=torch.uint8)
+        tf(data, out, random.Random(seed))
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+def test_reduced_size_decoding_for_large_crops(monkeypatch):
+    big = smooth_image(1600, 1200)
+    data = encode(big)
+    box = (100, 80, 1200, 900)
+    full = torch.empty((224, 224, 3), dtype=torch.uint8)
+    T.resize_into(*T.decode(data, lambda w, h: box, (224, 224), reduce=False), full, False, "bilinear")
+
+    def no_full_decode(_data):
+        raise AssertionError("a crop 4x the output should not be decoded at full size")
+    monkeypatch.setattr(T, "_decode_tv", no_full_decode)
+    img, scaled = T.decode(data, lambda w, h: box, (224, 224), reduce=True)
+    assert img.shape[1:] == (300, 400)  # 1/4 scale: 1200/224 >= 4
+    reduced = torch.empty((224, 224, 3), dtype=torch.uint8)
+    T.resize_into(img, scaled, reduced, False, "bilinear")
+    assert np.abs(hwc(reduced) - hwc(full)).mean() < 2.0
