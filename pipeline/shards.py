@@ -24,8 +24,32 @@ class ShardCorrupt(Exception):
 def open_shard(url: str):
     if is_remote(url):
         import webdataset as wds
-        return wds.gopen(url, "rb")
+        return _Stream(wds.gopen(url, "rb"))
     return open(url, "rb", buffering=0)
+
+
+class _Stream:
+    """webdataset's pipe objects offer read() and close(); the reader also wants readinto()."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def read(self, n: int) -> bytes:
+        return self.f.read(n)
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def seekable(self) -> bool:
+        return False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
 
 
 def _read_exact(f, n: int) -> bytearray:

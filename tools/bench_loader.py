@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Loader-only throughput against the machine's decode ceiling, measured in one run.
+
+    python tools/bench_loader.py --data_path DIR [-j WORKERS] [-b BATCH] [--steps N]
+                                 [--decode cpu|pil|gpu] [--vs-timm] [--epochs E]
+
+Ceiling: one core decoding + cropping the same images with the same transform, in this process,
+times the cores the workers can use (min(workers, cores)). Loader: our StreamLoader after warm-up
+batches. `--vs-timm` also runs timm's `create_loader` (same shards, same RandomResizedCrop + flip,
+no colour jitter, uint8 fast_collate output, no normalisation) for a side-by-side ratio.
+`--epochs E` runs E short epochs and reports the workers' resident memory after each one.
+The last stdout line is a JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from itertools import islice
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from pipeline.info import DataError, check_local_shards, load_info  # noqa: E402
+from pipeline.loader import create_loader  # noqa: E402
+from pipeline.shards import iter_samples, open_shard  # noqa: E402
+from pipeline.stream import image_and_label  # noqa: E402
+from pipeline.transforms import TrainTransform  # noqa: E402
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def sample_bytes(split, n: int):
+    out = []
+    for url in split.urls:
+        with open_shard(url) as f:
+            for s in iter_samples(f):
+                out.append(image_and_label(s)[0])
+                if len(out) == n:
+                    return out
+    return out
+
+
+def one_core_rate(split, img_size: int, decoder: str, seconds: float) -> float:
+    """Images/s of decode + RandomResizedCrop + flip on one thread of this process."""
+    import random
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        datas = sample_bytes(split, 256)
+        tf = TrainTransform(img_size, decoder="pil" if decoder == "pil" else "tv")
+        out, rng = torch.empty((img_size, img_size, 3), dtype=torch.uint8), random.Random(0)
+        for d in datas[:16]:
+            tf(d, out, rng)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            tf(datas[n % len(datas)], out, rng)
+            n += 1
+        return n / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def worker_rss_mb(parent: int) -> float:
+    """Resident memory of the parent's child processes (the DataLoader workers), in MiB."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) != parent:
+                    continue
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total / 1024
+
+
+def time_batches(batches, warmup: int, steps: int, sync=lambda: None):
+    it = iter(batches)
+    for _ in islice(it, warmup):
+        pass
+    sync()
+    n, t0 = 0, time.perf_counter()
+    for b in islice(it, steps):
+        n += len(b[1]) if isinstance(b, (tuple, list)) else len(b)
+    sync()
+    return n / (time.perf_counter() - t0), n
+
+
+def ours(args, split, device):
+    loader = create_loader(split, train=True, batch_size=args.batch_size, img_size=args.img_size,
+                           num_workers=args.workers, decoder=args.decode,
+                           pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    sync = lambda: None  # noqa: E731
+    if args.decode == "gpu":
+        from model.device import resolve_device
+        from pipeline.gpu_decode import make_to_device
+        from pipeline.prefetch import DevicePrefetcher, Normalize
+        dev = resolve_device(device.type)
+        feeder = DevicePrefetcher(dev, Normalize(dev.torch), make_to_device())
+        batches, sync = feeder(batches), dev.synchronize
+    rate, n = time_batches(batches, args.warmup, args.steps, sync)
+    rss = []
+    for epoch in range(1, args.epochs):
+        loader.set_epoch(epoch)
+        for _ in islice(iter(loader), args.steps):
+            pass
+        rss.append(round(worker_rss_mb(os.getpid()), 1))
+    return rate, n, loader.stats(), rss
+
+
+def timm_rate(args) -> float:
+    from timm.data import create_dataset
+    from timm.data import create_loader as timm_create_loader
+    ds = create_dataset(f"wds/{os.path.basename(args.data_path.rstrip('/'))}", root=args.data_path,
+                        split="train", is_training=True, batch_size=args.batch_size)
+    loader = timm_create_loader(ds, input_size=(3, args.img_size, args.img_size),
+                                batch_size=args.batch_size, is_training=True, color_jitter=0.0,
+                                num_workers=args.workers, use_prefetcher=True,
+                                device=torch.device("cpu"), persistent_workers=True)
+    raw = getattr(loader, "loader", loader)  # timm's uint8 DataLoader under its prefetcher
+    return time_batches(raw, args.warmup, args.steps)[0]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data_path", required=True, help="shard folder with _info.json")
+    p.add_argument("-j", "--workers", type=int, default=cores(), help="DataLoader workers (default: all cores)")
+    p.add_argument("-b", "--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=40, help="measured batches")
+    p.add_argument("--warmup", type=int, default=5, help="batches before timing")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--decode", choices=("cpu", "pil", "gpu"), default="cpu")
+    p.add_argument("--ceiling-seconds", type=float, default=5.0)
+    p.add_argument("--vs-timm", action="store_true", help="also time timm's create_loader")
+    p.add_argument("--epochs", type=int, default=1, help="epochs for the worker-memory check")
+    args = p.parse_args(argv)
+    try:
+        info = load_info(args.data_path)
+        split = info.split("train")
+        check_local_shards(split)
+    except DataError as e:
+        print(f"bench_loader: error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.decode == "gpu" and torch.cuda.is_available() else "cpu")
+
+    one = one_core_rate(split, args.img_size, args.decode, args.ceiling_seconds)
+    used = min(args.workers, cores()) if args.workers > 0 else 1
+    rate, n, stats, rss = ours(args, split, device)
+    result = {"img_per_s": round(rate, 1), "ceiling_img_per_s": round(one * used, 1),
+              "ratio": round(rate / (one * used), 3), "one_core_img_per_s": round(one, 1),
+              "cores_used": used, "workers": args.workers, "batch_size": args.batch_size,
+              "decode": args.decode, "img_size": args.img_size, "images": n,
+              "skipped": stats.get("skipped", 0)}
+    if rss:
+        result["worker_rss_mb_per_epoch"] = rss
+    print(f"ours  {rate:8.1f} img/s   ceiling {one * used:8.1f} img/s "
+          f"({used} x {one:.1f})   ratio {rate / (one * used):.3f}")
+    if args.vs_timm:
+        t = timm_rate(args)
+        result.update(timm_img_per_s=round(t, 1), vs_timm=round(rate / t, 3))
+        print(f"timm  {t:8.1f} img/s   ours/timm {rate / t:.3f}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
