@@ -1,4 +1,5 @@
 """tools/make_shards.py: ImageFolder -> tar shards + _info.json, on tiny generated images."""
+import errno
 import io
 import json
 import os
@@ -192,6 +193,31 @@ def test_info_json_schema(messy, built):
     assert (info["source"], info["tool"], info["tool_version"]) == (str(src), "make_shards", "1")
     assert set(info["counts"]["train"]) == {"images", "skipped", "transcoded", "resized", "ignored"}
     assert not (out / STATE).exists()
+
+
+def _tarfile_reference(shard):
+    """The same members written by tarfile (USTAR): what a correct shard must equal byte for byte."""
+    ref = io.BytesIO()
+    with tarfile.open(shard) as src, tarfile.open(fileobj=ref, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for m in src.getmembers():
+            ti = tarfile.TarInfo(m.name)
+            ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = m.size, 0, 0o644, "", ""
+            tar.addfile(ti, src.extractfile(m))
+    return ref.getvalue()
+
+
+def test_shards_equal_a_tarfile_reference(built):
+    out, _ = built
+    for shard in sorted(out.glob("*.tar")):
+        assert shard.read_bytes() == _tarfile_reference(shard), shard.name
+
+
+def test_copy_through_memory_when_the_kernel_refuses(messy, built, tmp_path, monkeypatch):
+    def refuse(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    make_shards(messy[0], tmp_path / "o", max_count=5, workers=1, progress=False)
+    assert _all_files(tmp_path / "o") == _all_files(built[0])
 
 
 def test_train_shuffled_validation_sorted(built):

@@ -163,6 +163,7 @@ def _odd_image(kind, class_index, num_classes, image_size, rng):
 
 
 def _write(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)  # no empty class folders when a count is 0
     with open(path, "wb") as f:
         f.write(data)
 
@@ -178,7 +179,6 @@ def make_demo_data(root, num_classes=10, train_per_class=100, val_per_class=20, 
         per_class = train_per_class if split == "train" else val_per_class
         for c, name in enumerate(names):
             folder = os.path.join(root, split, name)
-            os.makedirs(folder, exist_ok=True)
             for j in range(per_class):
                 # One generator per image: files depend only on (seed, split, class, index).
                 rng = np.random.default_rng([seed, split_id, c, j])

@@ -11,6 +11,7 @@ settings give byte-identical output for any --workers. A killed run resumes wher
 See docs/make_shards.md.
 """
 import argparse
+import errno
 import fcntl
 import hashlib
 import io
@@ -24,7 +25,6 @@ import time
 from multiprocessing import Pool
 
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 TOOL_VERSION = "1"
 SPLITS = (("train", "train"), ("val", "validation"))  # (source folder, split name)
@@ -45,6 +45,7 @@ class ShardError(Exception):
 # Headers are built by hand: tarfile's addfile costs ~3x the rest of the copy (BENCHMARKS.md).
 # The bytes equal tarfile's USTAR output for the same members (tests/test_make_shards.py).
 _USTAR_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(64 + 183)  # type, link, magic, names, dev, prefix
+_USTAR_TAIL_SUM = sum(_USTAR_TAIL) + 8 * 32  # the checksum field itself counts as 8 spaces
 _USTAR_MODE_IDS = b"0000644\0" b"0000000\0" b"0000000\0"  # mode 644, uid 0, gid 0
 _USTAR_MTIME = b"00000000000\0"
 _END_OF_ARCHIVE = bytes(1024)
@@ -53,8 +54,7 @@ _RECORD = 10240  # tar pads archives to whole records, as tarfile and GNU tar do
 
 def _ustar_header(name, size):
     head = name.encode("ascii").ljust(100, b"\0") + _USTAR_MODE_IDS + b"%011o\0" % size + _USTAR_MTIME
-    checksum = sum(head) + sum(_USTAR_TAIL) + 8 * 32  # the checksum field counts as 8 spaces
-    return head + b"%06o\0 " % checksum + _USTAR_TAIL
+    return head + b"%06o\0 " % (sum(head) + _USTAR_TAIL_SUM) + _USTAR_TAIL
 
 
 def tar_members(members):
@@ -96,7 +96,7 @@ def _list_split(src, folder):
                     size = os.stat(path).st_size
                 except OSError:
                     size = -1  # a broken link: the scan skips it with the reason
-                files.append((folder + "/" + os.path.relpath(path, split_dir), size))
+                files.append((folder + path[len(split_dir):], size))  # os.path.relpath costs 10x more
         classes[entry.name] = sorted(files)
     return classes, ignored
 
@@ -248,12 +248,36 @@ def reencode(data, resize_max=None):
         return out.getvalue()
 
 
-def _read_source(src, rel):
+def _open_source(src, rel):
     try:
-        with open(os.path.join(src, rel), "rb") as f:
-            return f.read()
+        return open(os.path.join(src, rel), "rb")
     except OSError as e:
         raise ShardError(f"cannot read {rel} in {src}: {e.strerror}") from None
+
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def _copy_into(out, f, size):
+    """Append size bytes of the open file f to the flushed file out; returns the count copied.
+
+    copy_file_range copies in the kernel, saving a read and a write through Python buffers (15 us
+    of CPU per 80 KB image, BENCHMARKS.md); where the system refuses it (other OS, some
+    cross-filesystem copies) the bytes go through memory.
+    """
+    copied = 0
+    try:
+        while copied < size:
+            n = os.copy_file_range(f.fileno(), out.fileno(), size - copied)
+            if not n:
+                break
+            copied += n
+    except (AttributeError, OSError) as e:
+        if copied or getattr(e, "errno", errno.ENOSYS) not in _NO_KERNEL_COPY:
+            raise
+    if not copied:
+        copied = out.write(f.read(size))
+    return copied
 
 
 def _write_shard(job):
@@ -263,17 +287,26 @@ def _write_shard(job):
     tmp = _tmp(path)
     try:
         with open(tmp, "wb") as f:
+            tail = b""  # padding of the previous image and its .json member
             for index, (rel, cls, flags) in enumerate(samples, start):
                 key = sample_key(index, rel)
-                data = _read_source(src, rel)
-                if flags:
-                    try:
-                        data = reencode(data, resize_max)
-                    except Exception as e:
-                        raise ShardError(f"cannot convert {rel} (changed since the scan?): {e}") from None
+                with _open_source(src, rel) as source:
+                    if flags:
+                        try:
+                            data = reencode(source.read(), resize_max)
+                        except Exception as e:
+                            raise ShardError(f"cannot convert {rel} (changed since the scan?): {e}") from None
+                    size = len(data) if flags else os.fstat(source.fileno()).st_size
+                    f.write(tail + tar_members(((key + ".cls", b"%d" % cls),)) + _ustar_header(key + ".jpg", size))
+                    if flags:
+                        f.write(data)
+                    else:
+                        f.flush()
+                        if _copy_into(f, source, size) != size:
+                            raise ShardError(f"{rel} changed while make_shards ran; run it again")
                 meta = json.dumps({"path": rel, "class": classes[cls]}).encode()
-                f.write(tar_members(((key + ".cls", b"%d" % cls), (key + ".jpg", data), (key + ".json", meta))))
-            f.write(tar_end(f.tell()))
+                tail = bytes(-size % 512) + tar_members(((key + ".json", meta),))
+            f.write(tail + tar_end(f.tell() + len(tail)))
             size = f.tell()
         os.replace(tmp, path)
     except OSError as e:
@@ -285,10 +318,13 @@ def _write_shard(job):
     return filename, len(samples), size
 
 
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
 def sample_key(index, rel):
     """Unique, dot-free key: the sample's index in its split and a sanitised, truncated file stem."""
     stem = os.path.splitext(os.path.basename(rel))[0]
-    return f"{index:08d}_" + re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:KEY_STEM_MAX]
+    return f"{index:08d}_" + _KEY_UNSAFE.sub("_", stem)[:KEY_STEM_MAX]
 
 
 def shard_name(name, split, i):
@@ -375,6 +411,28 @@ def _default_workers():
         return os.cpu_count() or 1
 
 
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, s, refresh=True):
+        pass
+
+
+def _bar(progress, **kwargs):
+    """A tqdm progress bar; tqdm (40 ms to import) is only imported when bars are shown."""
+    if not progress:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(dynamic_ncols=True, **kwargs)
+
+
 def _print_list(title, lines):
     print(f"make_shards: {title}", file=sys.stderr)
     for line in lines[:LIST_LIMIT]:
@@ -391,8 +449,7 @@ def _scan(pool, listing, src, resize_max, progress):
         chunks = [(src, resize_max, [rel for rel, _ in files[i:i + SCAN_CHUNK]])
                   for i in range(0, len(files), SCAN_CHUNK)]
         good[split] = []
-        with tqdm(total=len(files), desc=f"scan {split}", unit="img", disable=not progress,
-                  dynamic_ncols=True) as bar:
+        with _bar(progress, total=len(files), desc=f"scan {split}", unit="img") as bar:
             for start, results in zip(range(0, len(files), SCAN_CHUNK), _imap(pool, _scan_chunk, chunks)):
                 for (rel, cls), (flags, reason) in zip(files[start:start + SCAN_CHUNK], results):
                     if reason is None:
@@ -536,8 +593,7 @@ def _write_all(pool, src, out, classes, resize_max, plan, progress):
                 jobs.append((out, src, filename, classes, resize_max, start, samples))
     written = sum(len(job[-1]) for job in jobs)
     t0, nbytes = time.monotonic(), 0
-    with tqdm(total=total, initial=total - written, desc="write", unit="img", disable=not progress,
-              dynamic_ncols=True) as bar:
+    with _bar(progress, total=total, initial=total - written, desc="write", unit="img") as bar:
         for _, count, size in _imap(pool, _write_shard, jobs, ordered=False):
             nbytes += size
             bar.set_postfix_str(f"{nbytes / 1e6 / max(time.monotonic() - t0, 1e-6):.0f} MB/s", refresh=False)
@@ -601,7 +657,7 @@ def verify_shards(out, progress=True):
             else:
                 problems.append(f"{filename}: missing")
     workers = min(_default_workers(), max(1, len(jobs)))
-    with Pool(workers) as pool, tqdm(total=len(jobs), desc="verify", unit="shard", disable=not progress) as bar:
+    with Pool(workers) as pool, _bar(progress, total=len(jobs), desc="verify", unit="shard") as bar:
         for (split, _), (count, found) in zip(jobs, pool.imap(_verify_shard, [j for _, j in jobs])):
             splits[split]["samples"] += count
             problems += found

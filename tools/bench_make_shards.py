@@ -1,0 +1,198 @@
+"""Benchmark tools/make_shards.py against `tar -cf` on the same demo folder, in one run.
+
+    python tools/bench_make_shards.py                     # N=2000 and 2N=4000 images of ~500x375
+    python tools/bench_make_shards.py --images 1000 --repeats 5 --workdir /tmp/bench --keep
+
+Prints, for N and 2N images (files warm in the page cache): the median wall time of make_shards
+(a fresh output each time, default workers, --quiet: silent like tar) and of `tar -cf` over the
+same folder, their ratio,
+and the peak RSS of the make_shards parent and of its largest worker; then the per-image cost of
+the ways to check an image and to write tar members. The last line is one JSON object.
+"""
+import argparse
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.make_demo_data import make_demo_data  # noqa: E402
+from tools.make_shards import jpeg_frame, tar_members  # noqa: E402
+
+CLASSES = 20
+# Runs make_shards' main in a child and reports its peak RSS and that of its largest worker. The parent
+# reads VmHWM: its ru_maxrss would include the benchmark process it was forked from (Linux keeps
+# the larger of the pre- and post-exec peaks).
+RUN_WITH_RSS = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+from tools.make_shards import main
+rc = main(sys.argv[2:])
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+print(json.dumps({"rc": rc, "parent_kb": int(hwm.split()[1]),
+                  "worker_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+
+def make_data(workdir, n):
+    """A 2N-image demo folder and an N-image one made of hard links to half of it."""
+    big, small = os.path.join(workdir, "data-2n"), os.path.join(workdir, "data-n")
+    marker = os.path.join(workdir, f"made-{n}")
+    if not os.path.exists(marker):
+        shutil.rmtree(big, ignore_errors=True)
+        shutil.rmtree(small, ignore_errors=True)
+        per_class = 2 * n // CLASSES
+        make_demo_data(big, num_classes=CLASSES, train_per_class=per_class * 9 // 10,
+                       val_per_class=per_class - per_class * 9 // 10, odd_images=False)
+        for d, _, files in os.walk(big):
+            target = d.replace(big, small, 1)
+            os.makedirs(target, exist_ok=True)
+            for f in sorted(files)[: (len(files) + 1) // 2]:
+                os.link(os.path.join(d, f), os.path.join(target, f))
+        open(marker, "w").close()
+    return {"n": small, "2n": big}
+
+
+def folder_stats(root):
+    sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs]
+    for d, _, fs in os.walk(root):  # warm the page cache
+        for f in fs:
+            with open(os.path.join(d, f), "rb") as fh:
+                fh.read()
+    return len(sizes), sum(sizes)
+
+
+def time_tar(root, workdir):
+    target = os.path.join(workdir, "folder.tar")
+    os.sync()  # no writeback of the previous run's output during this one
+    t = time.perf_counter()
+    subprocess.run(["tar", "-cf", target, "-C", os.path.dirname(root), os.path.basename(root)], check=True)
+    seconds = time.perf_counter() - t
+    os.remove(target)
+    return seconds
+
+
+def time_make_shards(root, workdir):
+    out = os.path.join(workdir, "shards")
+    shutil.rmtree(out, ignore_errors=True)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.sync()
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", RUN_WITH_RSS, repo, root, "--out", out, "--quiet"],
+                       check=True, capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    rss = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rss["rc"] == 0, r.stderr
+    shutil.rmtree(out)
+    return seconds, rss
+
+
+def per_image_us(func, items, repeat=3):
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for item in items:
+            func(item)
+        best = min(best, time.perf_counter() - t)
+    return round(best / len(items) * 1e6, 1)
+
+
+def check_costs(root, count=300):
+    """Per-image cost of each way to check an image (bytes already in memory)."""
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)[:count]
+    datas = [open(p, "rb").read() for p in paths]
+
+    def read(p):
+        with open(p, "rb") as f:
+            f.read()
+
+    def header(d):
+        Image.open(io.BytesIO(d)).size
+
+    def draft(d):
+        with Image.open(io.BytesIO(d)) as im:
+            im.draft(im.mode, (im.width // 8, im.height // 8))
+            im.load()
+
+    def full(d):
+        Image.open(io.BytesIO(d)).load()
+
+    return {"read_file": per_image_us(read, paths), "jpeg_frame_walk": per_image_us(jpeg_frame, datas),
+            "pil_open_headers": per_image_us(header, datas), "pil_draft_1_8_load": per_image_us(draft, datas),
+            "pil_full_decode": per_image_us(full, datas)}
+
+
+def writer_costs(root, count=300):
+    """Per-image cost of writing one sample (3 members) into memory: tarfile vs make_shards' writer."""
+    datas = [open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(root) for f in fs][:count]
+    members = [((f"{i:08d}_x.cls", b"7"), (f"{i:08d}_x.jpg", d), (f"{i:08d}_x.json", b'{"path": "x"}'))
+               for i, d in enumerate(datas)]
+
+    def with_tarfile(sample, tar=tarfile.open(fileobj=io.BytesIO(), mode="w", format=tarfile.USTAR_FORMAT)):
+        tar.fileobj.seek(0)
+        for name, data in sample:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(data), 0, 0o644, "", ""
+            tar.addfile(ti, io.BytesIO(data))
+
+    buf = io.BytesIO()
+
+    def by_hand(sample):
+        buf.seek(0)
+        buf.write(tar_members(sample))
+
+    return {"tarfile_addfile": per_image_us(with_tarfile, members), "tar_members": per_image_us(by_hand, members)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=2000, help="N (default: 2000); 2N is measured too")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per tool and size (default: 5)")
+    p.add_argument("--workdir", help="where data and outputs go (default: a new temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the workdir (generated data is reused)")
+    args = p.parse_args(argv)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_make_shards-")
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        t = time.perf_counter()
+        data = make_data(workdir, args.images)
+        print(f"data ready in {time.perf_counter() - t:.1f} s under {workdir}")
+        result = {"workers": len(os.sched_getaffinity(0)), "repeats": args.repeats, "sizes": {}}
+        for label, root in data.items():
+            count, nbytes = folder_stats(root)
+            tar_s, shard_s, rss = [], [], []
+            for _ in range(args.repeats):  # alternate, so drift hits both alike
+                tar_s.append(time_tar(root, workdir))
+                seconds, r = time_make_shards(root, workdir)
+                shard_s.append(seconds)
+                rss.append(r)
+            row = {"images": count, "mb": round(nbytes / 1e6, 1), "tar_s": round(statistics.median(tar_s), 3),
+                   "make_shards_s": round(statistics.median(shard_s), 3),
+                   "parent_rss_mb": round(max(r["parent_kb"] for r in rss) / 1024, 1),
+                   "worker_rss_mb": round(max(r["worker_kb"] for r in rss) / 1024, 1)}
+            row["ratio"] = round(row["make_shards_s"] / row["tar_s"], 2)
+            result["sizes"][label] = row
+            print(f"{label:>2}: {count} images, {row['mb']} MB: tar -cf {row['tar_s']:.3f} s, make_shards "
+                  f"{row['make_shards_s']:.3f} s, ratio {row['ratio']:.2f}; peak RSS parent {row['parent_rss_mb']} MB, "
+                  f"largest worker {row['worker_rss_mb']} MB")
+        result["check_us_per_image"] = check_costs(data["n"])
+        result["write_us_per_image"] = writer_costs(data["n"])
+        print("check cost per image (us):", result["check_us_per_image"])
+        print("write cost per image into memory (us):", result["write_us_per_image"])
+        print(json.dumps(result))
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
