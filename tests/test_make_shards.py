@@ -481,6 +481,13 @@ def test_error_no_images(tmp_path):
     _assert_one_line_error(_run_cli(tmp_path / "src"), "no image files")
 
 
+def test_error_only_broken_images_leaves_nothing_behind(tmp_path):
+    (tmp_path / "src" / "train" / "c0").mkdir(parents=True)
+    (tmp_path / "src" / "train" / "c0" / "x.JPEG").write_bytes(b"not a jpeg")
+    _assert_one_line_error(_run_cli(tmp_path / "src", "--out", tmp_path / "o"), "no usable images")
+    assert list((tmp_path / "o").iterdir()) == []
+
+
 def test_error_val_class_missing_from_train(tmp_path):
     for split, cls in (("train", "a"), ("val", "a"), ("val", "b")):
         (tmp_path / "src" / split / cls).mkdir(parents=True)

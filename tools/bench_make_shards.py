@@ -183,6 +183,10 @@ def main(argv=None):
             print(f"{label:>2}: {count} images, {row['mb']} MB: tar -cf {row['tar_s']:.3f} s, make_shards "
                   f"{row['make_shards_s']:.3f} s, ratio {row['ratio']:.2f}; peak RSS parent {row['parent_rss_mb']} MB, "
                   f"largest worker {row['worker_rss_mb']} MB")
+        n, n2 = result["sizes"]["n"], result["sizes"]["2n"]
+        # Cost of the extra N images alone, without the fixed start-up cost of either tool.
+        result["marginal_ratio"] = round((n2["make_shards_s"] - n["make_shards_s"]) / (n2["tar_s"] - n["tar_s"]), 2)
+        print(f"marginal ratio (2N minus N): {result['marginal_ratio']:.2f}")
         result["check_us_per_image"] = check_costs(data["n"])
         result["write_us_per_image"] = writer_costs(data["n"])
         print("check cost per image (us):", result["check_us_per_image"])

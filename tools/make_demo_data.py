@@ -38,7 +38,7 @@ def _class_colour(index, num_classes):
     return hue
 
 
-def _outline(shape, rng):
+def _outline(shape):
     """Unit-size polygon (about [-1, 1]^2) of a shape, before rotation."""
     t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
     circle = np.stack([np.cos(t), np.sin(t)], 1)
@@ -72,10 +72,10 @@ def _mask(shape, size, centre, radius, angle):
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     mask = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(mask)
-    points = _outline(shape, None) @ rot.T * radius + centre
+    points = _outline(shape) @ rot.T * radius + centre
     draw.polygon([tuple(p) for p in points.tolist()], fill=255)
     if shape == "ring":
-        inner = _outline("circle", None) * radius * 0.55 + centre
+        inner = _outline("circle") * radius * 0.55 + centre
         draw.polygon([tuple(p) for p in inner.tolist()], fill=0)
     return np.asarray(mask) > 127
 

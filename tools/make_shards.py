@@ -42,7 +42,7 @@ class ShardError(Exception):
 
 
 # ---------------------------------------------------------------- tar writing
-# Headers are built by hand: tarfile's addfile costs ~3x the rest of the copy (BENCHMARKS.md).
+# Headers are built by hand: tarfile's addfile costs 4x as much per sample (BENCHMARKS.md).
 # The bytes equal tarfile's USTAR output for the same members (tests/test_make_shards.py).
 _USTAR_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(64 + 183)  # type, link, magic, names, dev, prefix
 _USTAR_TAIL_SUM = sum(_USTAR_TAIL) + 8 * 32  # the checksum field itself counts as 8 spaces
@@ -525,7 +525,6 @@ def make_shards(src, out=None, max_count=1250, workers=None, seed=0, resize_max=
             summary = _summary(out, done, time.monotonic() - start, up_to_date=True)
             print(f"make_shards: {out} is up to date ({summary['images']} images in {summary['shards']} shards)")
             return summary
-        _write_atomic(os.path.join(out, STATE), json.dumps(settings))
         for split, entry in listing["splits"].items():
             if entry["empty"]:
                 _print_list(f"warning: {len(entry['empty'])} empty class folder(s) in {split}, "
@@ -545,6 +544,7 @@ def _build(src, out, listing, settings, workers, progress, start):
         if not any(good.values()):
             raise ShardError(f"no usable images in {src} ({len(skipped)} skipped)")
         plan = _plan(good, settings["name"], settings["seed"], settings["max_count"])
+        _write_atomic(os.path.join(out, STATE), json.dumps(settings))  # shards in out now belong to these settings
         reused = _write_all(pool, src, out, listing["classes"], settings["resize_max"], plan, progress)
     except BaseException:
         if pool is not None:
@@ -557,21 +557,8 @@ def _build(src, out, listing, settings, workers, progress, start):
     if pool is not None:
         pool.close()
         pool.join()
-    lines = ["split\tpath\treason"] + [f"{s}\t{rel}\t{reason}" for s, rel, reason in skipped]
-    _write_atomic(os.path.join(out, SKIPPED), "".join(line.replace("\n", "\\n") + "\n" for line in lines))
-    if skipped:
-        _print_list(f"skipped {len(skipped)} unreadable image file(s), listed in {os.path.join(out, SKIPPED)}:",
-                    [f"{rel}: {reason}" for _, rel, reason in skipped])
-    info = {"name": settings["name"], "splits": {}, "classes": listing["classes"],
-            "num_classes": len(listing["classes"]), "seed": settings["seed"], "max_count": settings["max_count"],
-            "resize_max": settings["resize_max"], "source": src, "tool": "make_shards",
-            "tool_version": TOOL_VERSION, "counts": _counts(listing, good, skipped),
-            "fingerprint": settings["fingerprint"]}
-    for split, shards in plan.items():
-        if shards:
-            lengths = [len(samples) for _, _, samples in shards]
-            info["splits"][split] = {"name": split, "filenames": [f for f, _, _ in shards], "shard_lengths": lengths,
-                                     "num_samples": sum(lengths), "alt_label": None}
+    _write_skipped(out, skipped)
+    info = _info_json(src, listing, settings, plan, _counts(listing, good, skipped))
     _write_atomic(os.path.join(out, INFO), json.dumps(info, indent=1) + "\n")  # last: marks the output complete
     _remove(os.path.join(out, STATE))
     summary = _summary(out, info, time.monotonic() - start, up_to_date=False, reused=reused)
@@ -579,6 +566,28 @@ def _build(src, out, listing, settings, workers, progress, start):
           "{transcoded} transcoded, {resized} resized, {ignored} ignored, {seconds:.1f} s -> {out}".format(
               mb=summary["bytes"] / 1e6, **summary))
     return summary
+
+
+def _write_skipped(out, skipped):
+    lines = ["split\tpath\treason"] + [f"{split}\t{rel}\t{reason}" for split, rel, reason in skipped]
+    _write_atomic(os.path.join(out, SKIPPED), "".join(line.replace("\n", "\\n") + "\n" for line in lines))
+    if skipped:
+        _print_list(f"skipped {len(skipped)} unreadable image file(s), listed in {os.path.join(out, SKIPPED)}:",
+                    [f"{rel}: {reason}" for _, rel, reason in skipped])
+
+
+def _info_json(src, listing, settings, plan, counts):
+    """timm's _info.json schema (name, splits) plus our own keys."""
+    splits = {}
+    for split, shards in plan.items():
+        if shards:
+            lengths = [len(samples) for _, _, samples in shards]
+            splits[split] = {"name": split, "filenames": [f for f, _, _ in shards], "shard_lengths": lengths,
+                             "num_samples": sum(lengths), "alt_label": None}
+    return {"name": settings["name"], "splits": splits, "classes": listing["classes"],
+            "num_classes": len(listing["classes"]), "seed": settings["seed"], "max_count": settings["max_count"],
+            "resize_max": settings["resize_max"], "source": src, "tool": "make_shards",
+            "tool_version": TOOL_VERSION, "counts": counts, "fingerprint": settings["fingerprint"]}
 
 
 def _write_all(pool, src, out, classes, resize_max, plan, progress):
