@@ -336,6 +336,21 @@ def test_resume_after_kill_9_is_byte_identical(messy, built, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+CTRL_C_AFTER_3_SHARDS = KILL_AFTER_3_SHARDS.replace(
+    "os.kill(os.getpid(), signal.SIGKILL)  # like kill -9: no cleanup runs",
+    "os.killpg(os.getpgrp(), signal.SIGINT)  # Ctrl-C reaches every process of the group")
+
+
+def test_ctrl_c_stops_workers_cleanly(messy, tmp_path):
+    out = tmp_path / "shards"
+    r = subprocess.run([sys.executable, "-c", CTRL_C_AFTER_3_SHARDS, str(messy[0]), "--out", str(out),
+                        "--max-count", "2", "--workers", "2", "--quiet"], cwd=REPO, capture_output=True, text=True,
+                       start_new_session=True)
+    assert r.returncode == 130 and r.stderr.splitlines()[-1] == "make_shards: error: interrupted"
+    assert "Traceback" not in r.stderr and "PoolWorker" not in r.stderr
+    assert _no_temporaries(out) and not (out / INFO).exists() and (out / STATE).exists()
+
+
 def test_rerun_is_up_to_date_and_rebuilds_a_deleted_shard(messy, tmp_path):
     out = tmp_path / "o"
     make_shards(messy[0], out, max_count=5, workers=2, progress=False)
