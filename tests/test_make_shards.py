@@ -453,6 +453,11 @@ def test_verify_accepts_good_output_and_reports_damage(built, tmp_path):
     assert report["problems"] == ["messy-train-000000.tar: 5 samples, _info.json says 4"]
 
 
+def test_verify_rejects_a_foreign_info_file(tmp_path):
+    (tmp_path / INFO).write_text('{"name": "x", "splits": {"train": {"name": "train"}}}')
+    _assert_one_line_error(_run_cli("--verify", tmp_path), "not a make_shards info file")
+
+
 def test_cli_defaults_from_any_cwd_then_verify(tmp_path):
     make_demo_data(tmp_path / "mini", num_classes=2, train_per_class=3, val_per_class=2, image_size=(32, 24),
                    odd_images=False)

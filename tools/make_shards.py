@@ -640,7 +640,8 @@ def _verify_shard(job):
                 if not cls_b.isdigit() or int(cls_b) >= num_classes:
                     problems.append(f"{name}: {key}: bad class {cls_b[:20]!r}")
                 try:
-                    json.loads(meta)["path"]
+                    if "path" not in json.loads(meta):
+                        problems.append(f"{name}: {key}: .json has no path")
                     with Image.open(io.BytesIO(jpg)) as im:
                         im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
                         im.load()  # reduced-size decode still reads all the coded data
@@ -662,16 +663,19 @@ def verify_shards(out, progress=True):
     if not info:
         raise ShardError(f"{out} has no readable {INFO}" if os.path.isdir(out) else f"{out} is not a folder")
     problems, jobs, splits = [], [], {}
-    for split, s in info.get("splits", {}).items():
-        if len(s["filenames"]) != len(s["shard_lengths"]) or sum(s["shard_lengths"]) != s["num_samples"]:
-            problems.append(f"{split}: filenames, shard_lengths and num_samples disagree")
-        splits[split] = {"shards": len(s["filenames"]), "samples": 0}
-        for filename, expected in zip(s["filenames"], s["shard_lengths"]):
-            path = os.path.join(out, filename)
-            if os.path.isfile(path):
-                jobs.append((split, (path, expected, info["num_classes"])))
-            else:
-                problems.append(f"{filename}: missing")
+    try:
+        for split, s in info["splits"].items():
+            if len(s["filenames"]) != len(s["shard_lengths"]) or sum(s["shard_lengths"]) != s["num_samples"]:
+                problems.append(f"{split}: filenames, shard_lengths and num_samples disagree")
+            splits[split] = {"shards": len(s["filenames"]), "samples": 0}
+            for filename, expected in zip(s["filenames"], s["shard_lengths"]):
+                path = os.path.join(out, filename)
+                if os.path.isfile(path):
+                    jobs.append((split, (path, expected, info["num_classes"])))
+                else:
+                    problems.append(f"{filename}: missing")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ShardError(f"{os.path.join(out, INFO)} is not a make_shards info file (no {e})") from None
     workers = min(_default_workers(), max(1, len(jobs)))
     with _pool(workers) as pool, _bar(progress, total=len(jobs), desc="verify", unit="shard") as bar:
         for (split, _), (count, found) in zip(jobs, pool.imap(_verify_shard, [j for _, j in jobs])):
@@ -720,7 +724,8 @@ def main(argv=None):
         print("make_shards: error: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # environment trouble not caught where it happened
-        print(f"make_shards: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"make_shards: error: {e.strerror or e}{where}", file=sys.stderr)
     return 1
 
 
