@@ -52,8 +52,11 @@ class Device:
             self.module.set_device(self.index)
 
     def supports_bf16(self) -> bool:
-        if self.type == "cpu":
-            return True
+        if self.type == "cpu":  # oneDNN's bf16 kernels need AVX512-BF16/AMX-class CPUs to be fast
+            try:
+                return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            except (AttributeError, RuntimeError):
+                return False
         check = getattr(self.module, "is_bf16_supported", None)
         if check is None:
             return False

@@ -1,6 +1,7 @@
 """train_stream.py end to end on the CPU: torchrun/DDP, resume, metrics, checkpoints, errors."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -19,7 +20,15 @@ def torchrun(args, nproc=2, timeout=240):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            str(nproc), os.path.join(ROOT, "train_stream.py"), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=ROOT, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too, never leave them behind
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun timed out after {timeout} s (a hang?)\n{err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def read_metrics(folder):
