@@ -12,7 +12,8 @@ Stages (each a subprocess of the project's own tools, so each starts clean):
   e2e       train_stream.py --performance on the shards with the faster decoder and the
             faster compute mode
 and reports the ratio end-to-end / compute-only (same compute mode), peak GPU memory, the
-card, driver, torch and CUDA versions. Prints a table; writes everything to --out as JSON.
+card, driver, torch and CUDA versions. Prints a table, writes everything to --out as JSON, and
+ends stdout with one JSON line of the headline numbers.
 """
 from __future__ import annotations
 
@@ -145,9 +146,20 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {args.out}")
+    print(json.dumps(summary(results)))
     if not args.data_dir:
         shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def summary(results: dict) -> dict:
+    """The headline numbers, for the last stdout line."""
+    out = {"device": results["env"]["device"], "date": results["env"]["date"]}
+    out.update({f"compute_{k}_fps": v.get("fps") for k, v in results["compute"].items()})
+    out.update({f"loader_{k}_img_per_s": v.get("img_per_s") for k, v in results["loader"].items()})
+    out["e2e_fps"] = results["e2e"].get("fps")
+    out["e2e_over_compute"] = results.get("e2e_over_compute")
+    return out
 
 
 def print_table(results: dict) -> None:
