@@ -39,11 +39,12 @@ from model.schedule import (DEFAULT_BASE_LR_PER_256, LRSchedule, ScheduleConfig,
 from pipeline.info import DataError, check_local_shards, load_info
 from pipeline.loader import create_loader
 from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize, SyntheticBatches
+from pipeline.stream import STATS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The demo: the real model on a small learnable dataset at 64 px, so that the README's command
 # ends in about 1.5 minutes on a 2-core CPU (92% validation top-1 there, chance is 10%).
-DEMO = dict(img_size=64, batch_size=32, epochs=6, warmup_epochs=1, lr=0.2)
+DEMO = dict(img_size=64, batch_size=32, epochs=6, warmup_epochs=1, lr=0.2, log_interval=10)
 
 
 class UsageError(Exception):
@@ -54,9 +55,15 @@ class UsageError(Exception):
 # Command line
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, not the whole usage text."""
+        self.exit(2, f"train_stream: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-c", "--config", default=None, help="YAML file of flag defaults")
     g = p.add_argument_group("data")
     g.add_argument("--data_path", "--data-path", dest="data_path", default=None,
@@ -237,10 +244,13 @@ def say(d: Dist, msg: str) -> None:
 
 
 class Metrics:
-    """metrics.jsonl in the output folder (rank 0), one JSON object per line."""
+    """metrics.jsonl in the output folder (rank 0), one JSON object per line; a new run starts
+    it afresh, a resumed one appends."""
 
-    def __init__(self, output: str | None, main: bool):
+    def __init__(self, output: str | None, main: bool, append: bool):
         self.path = os.path.join(output, "metrics.jsonl") if output and main else None
+        if self.path and not append and os.path.exists(self.path):
+            os.remove(self.path)
 
     def write(self, **row) -> None:
         if self.path:
@@ -279,6 +289,9 @@ class Trainer:
             state = resume(args.resume, self.model, self.optimizer, self.precision, self.schedule,
                            self.dev, restore_rng=d.main)
             self.start_epoch, best = state["epoch"], state["best_metric"]
+            # The LR is a pure function of (step, schedule): this run's flags and world size
+            # decide it, so a resume on another number of devices keeps the right curve.
+            self.schedule = LRSchedule(self.optimizer, self.sched_cfg)
         self.saver = CheckpointSaver(args.output, self.dev, best) if args.output and d.main else None
         self.plain = self.model  # for eval and checkpoints: no DDP, no compile
         if d.world > 1:
@@ -367,7 +380,7 @@ def train(args, d: Dist) -> dict | None:
         os.makedirs(args.output, exist_ok=True)
         with open(os.path.join(args.output, "config.json"), "w") as f:
             json.dump(vars(args), f, indent=2, default=str)
-    metrics = Metrics(args.output, d.main)
+    metrics = Metrics(args.output, d.main, append=bool(args.resume))
     metrics.write(kind="config", **{k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))})
     if args.performance:
         return performance(args, d, trainer, train_loader, feeder)
@@ -379,8 +392,6 @@ def train(args, d: Dist) -> dict | None:
         train_loader.set_epoch(epoch)
         done = train_epoch(args, d, trainer, feeder(train_loader), epoch, steps, epochs, metrics)
         fewest, most = (all_reduce([done], d, op)[0] for op in (dist.ReduceOp.MIN, dist.ReduceOp.MAX))
-        metrics.write(kind="epoch", epoch=epoch, steps_min=int(fewest), steps_max=int(most),
-                      **train_loader.stats())
         result = None
         if val_loader is not None:
             val_loader.set_epoch(epoch)
@@ -389,10 +400,11 @@ def train(args, d: Dist) -> dict | None:
                    f"loss {result['loss']:.4f}  ({result['n']} images)")
             metrics.write(kind="val", epoch=epoch, step=(epoch + 1) * steps, top1=result["top1"],
                           top5=result["top5"], loss=result["loss"], time=time.time())
-        stats = train_loader.stats()
-        if stats.get("skipped") or stats.get("shard_errors"):
-            say(d, f"data problems so far on rank 0: {stats['skipped']} samples skipped, "
+        stats = dict(zip(STATS, map(int, all_reduce([train_loader.stats()[k] for k in STATS], d))))
+        if stats["skipped"] or stats["shard_errors"]:
+            say(d, f"data problems so far (all ranks): {stats['skipped']} samples skipped, "
                    f"{stats['shard_errors']} damaged/unreadable shard reads, {stats['padded']} padded")
+        metrics.write(kind="epoch", epoch=epoch, steps_min=int(fewest), steps_max=int(most), **stats)
         if trainer.saver:
             best = trainer.saver.save(epoch, trainer.plain, trainer.optimizer, trainer.precision,
                                       trainer.schedule, vars(args), metric=result and result["top1"])

@@ -55,7 +55,8 @@ def read_pieces(urls, pieces, warn, stats):
                     got += 1
                     yield sample
             if got < p.take:
-                raise ShardCorrupt(f"ended after {p.skip + got} samples, _info.json lists more")
+                raise ShardCorrupt(f"holds fewer samples than _info.json lists (read {got} of "
+                                   f"{p.take} planned from sample {p.skip} on)")
         except (ShardCorrupt, OSError, ValueError) as e:  # pipes and curl raise several types
             stats[STATS.index("shard_errors")] += 1
             warn(f"shard {url}: {e}; lost {p.take - got} of its planned samples")

@@ -141,7 +141,9 @@ def test_clear_one_line_errors(args, message, tmp_path, capsys, demo_folder):
 def test_unknown_flag_and_config_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_stream.parse_args(["--no-such-flag"])
-    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized arguments: --no-such-flag" in err
+    assert len(err.strip().splitlines()) == 1
     cfg = tmp_path / "c.yaml"
     cfg.write_text("batch-size: 12\nsched: step\n")
     args = train_stream.parse_args(["-c", str(cfg), "--epochs", "3"])
@@ -150,3 +152,14 @@ def test_unknown_flag_and_config_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_stream.parse_args(["-c", str(cfg)])
     assert "unknown keys bogus_key" in capsys.readouterr().err
+
+
+def test_unreadable_data_is_a_clear_error_not_a_hang(demo_shards, tmp_path, capsys):
+    import shutil
+    root = tmp_path / "wds"
+    shutil.copytree(demo_shards, root)
+    for shard in root.glob("*-train-*.tar"):
+        shard.write_bytes(b"")  # present, so the start-up check passes, but empty
+    code, out, err = run_main(["--data_path", str(root), *SMALL, "-j", "2", "--epochs", "1"], capsys)
+    assert code == 1 and "data loading failed" in err and "could not read a single sample" in err
+    assert "Traceback" not in err.split("train_stream: error:")[-1]
