@@ -1,5 +1,6 @@
 """Precision: bf16 autocast, fp32 when off, fp16 + GradScaler (real on the CPU since torch 2.3)."""
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -105,15 +106,7 @@ def test_bf16_fallback_and_errors(monkeypatch):
         Precision(CPU, enabled=True, dtype="float8")
 
 
-def _apex_missing() -> bool:
-    try:
-        from apex import amp  # noqa: F401
-    except ImportError:
-        return True
-    return False
-
-
-@pytest.mark.skipif(not _apex_missing(), reason="NVIDIA Apex is installed")
+@pytest.mark.skipif(importlib.util.find_spec("apex") is not None, reason="an apex package is installed")
 def test_apex_without_apex_is_a_clear_error():
     with pytest.raises(PrecisionError, match="needs NVIDIA Apex") as e:
         Precision(Device("cuda"), enabled=True, apex=True)
