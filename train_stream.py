@@ -34,8 +34,9 @@ from model.device import Device, DeviceError, resolve_device
 from model.factory import DEFAULT_MODEL, create_model
 from model.optim import OptimizerError, create_optimizer
 from model.precision import Precision, PrecisionError
-from model.schedule import (DEFAULT_BASE_LR_PER_256, LRSchedule, ScheduleConfig, scale_lr,
-                            total_epochs)
+from model.schedule import (DEFAULT_BASE_LR_PER_256, DEFAULT_COOLDOWN_EPOCHS, DEFAULT_DECAY_EPOCHS,
+                            DEFAULT_DECAY_RATE, DEFAULT_MIN_LR, DEFAULT_WARMUP_EPOCHS,
+                            DEFAULT_WARMUP_LR, LRSchedule, ScheduleConfig, scale_lr, total_epochs)
 from pipeline.info import DataError, check_local_shards, load_info
 from pipeline.loader import create_loader
 from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize, SyntheticBatches
@@ -102,12 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--sched", default="cosine", choices=("cosine", "step"))
     g.add_argument("--epochs", type=int, default=90)
-    g.add_argument("--warmup-epochs", type=int, default=5)
-    g.add_argument("--warmup-lr", type=float, default=1e-5)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--decay-epochs", type=float, default=30, help="step schedule period")
-    g.add_argument("--decay-rate", type=float, default=0.1)
-    g.add_argument("--cooldown-epochs", type=int, default=0, help="epochs at min LR after the cosine")
+    g.add_argument("--warmup-epochs", type=int, default=DEFAULT_WARMUP_EPOCHS)
+    g.add_argument("--warmup-lr", type=float, default=DEFAULT_WARMUP_LR)
+    g.add_argument("--min-lr", type=float, default=DEFAULT_MIN_LR)
+    g.add_argument("--decay-epochs", type=float, default=DEFAULT_DECAY_EPOCHS,
+                   help="step schedule period (timm's default; 30 gives the classic 90-epoch steps)")
+    g.add_argument("--decay-rate", type=float, default=DEFAULT_DECAY_RATE)
+    g.add_argument("--cooldown-epochs", type=int, default=DEFAULT_COOLDOWN_EPOCHS,
+                   help="epochs at the minimum LR after the cosine")
     g = p.add_argument_group("device and precision")
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "npu", "cpu"))
     g.add_argument("--device_id", "--device-id", dest="device_id", type=int, default=0,
@@ -130,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure FPS: warm-up steps, then --perf-steps timed steps; print JSON")
     g.add_argument("--perf-steps", type=int, default=100)
     g.add_argument("--perf-warmup", type=int, default=20, help="untimed steps before measuring")
+    for action in p._actions:  # every flag shows its default in --help
+        if action.help is None:
+            action.help = "(default: %(default)s)"
     return p
 
 
