@@ -361,7 +361,8 @@ def train(args, d: Dist) -> dict | None:
         common = dict(batch_size=args.batch_size, img_size=args.img_size, num_workers=workers,
                       seed=args.seed, world_size=d.world, rank=d.rank, decoder=args.decode,
                       crop_pct=args.crop_pct, pin_memory=dev.pin_memory(),
-                      prefetch_factor=args.prefetch_factor, persistent=args.use_multi_epochs_loader)
+                      prefetch_factor=args.prefetch_factor, persistent=args.use_multi_epochs_loader,
+                      reuse_buffers=True)  # DevicePrefetcher copies each batch before the next
         train_loader = create_loader(split, train=True, shuffle_buffer=args.shuffle_buffer,
                                      train_interpolation=args.train_interpolation, **common)
         if len(train_loader) < 1:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .stream import empty
 from .transforms import jpeg_header
 
 _GPU_OK_COMPONENTS = (1, 3)
@@ -40,8 +39,8 @@ class JpegBatches:
     def __init__(self, transform, batch_size: int):
         self.transform, self.batch_size = transform, batch_size
 
-    def new(self, shared: bool):
-        self.shared = shared
+    def new(self, memory):
+        self.memory = memory
         self.items, self.pixels = [], []
 
     def add(self, i: int, data, label: int, rng) -> None:
@@ -56,17 +55,17 @@ class JpegBatches:
             self.pixels.append((i, out, label))
 
     def finish(self, n: int) -> JpegBatch:
-        s, shared = self.transform.size, self.shared
+        s, empty = self.transform.size, self.memory.empty
         sizes = [len(d) for _, d, _, _, _ in self.items]
-        data = empty((sum(sizes),), torch.uint8, shared)
+        data = empty((sum(sizes),), torch.uint8)
         offset = 0
         for (_, d, _, _, _), size in zip(self.items, sizes):
             data[offset:offset + size] = torch.frombuffer(d, dtype=torch.uint8)
             offset += size
-        labels = empty((n,), torch.int64, shared)
+        labels = empty((n,), torch.int64)
         for i, _, _, _, label in self.items:
             labels[i] = label
-        pixels = empty((len(self.pixels), s, s, 3), torch.uint8, shared)
+        pixels = empty((len(self.pixels), s, s, 3), torch.uint8)
         for k, (i, img, label) in enumerate(self.pixels):
             pixels[k] = img
             labels[i] = label

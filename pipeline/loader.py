@@ -2,6 +2,11 @@
 
 Workers are persistent by default (`--use-multi-epochs-loader`): they live across epochs and
 read the epoch from a shared value, so the order still changes every epoch.
+
+`reuse_buffers=True` is a promise of the consumer: it no longer reads a batch's images once it
+has asked for the next batch (DevicePrefetcher keeps it: it copies a batch to the device, or
+normalises it into a new tensor, before it asks for the next). The workers then write new
+batches into the shared buffers of batches already consumed instead of fresh shared memory.
 """
 from __future__ import annotations
 
@@ -17,10 +22,14 @@ DECODERS = ("cpu", "pil", "gpu")
 
 class StreamLoader:
     def __init__(self, dataset: ShardStream, *, num_workers: int, pin_memory: bool,
-                 prefetch_factor: int = 4, persistent: bool = True):
+                 prefetch_factor: int = 4, persistent: bool = True, reuse_buffers: bool = False):
         ctx = mp.get_context()
         dataset.epoch = ctx.Value("q", 0, lock=False)
         dataset.stats = ctx.Array("q", max(1, num_workers) * len(STATS), lock=False)
+        if reuse_buffers and persistent and num_workers > 0:
+            # in flight per worker: prefetch_factor queued, one held by the consumer, one pinning
+            dataset.pool_size = prefetch_factor + 2
+            dataset.free = ctx.Array("b", num_workers * dataset.pool_size, lock=False)
         self.dataset = dataset
         self.loader = DataLoader(
             dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
@@ -34,7 +43,22 @@ class StreamLoader:
         return len(self.dataset)
 
     def __iter__(self):
-        return iter(self.loader)
+        """(images, labels) batches; the buffer slot a batch came in is handed back to its worker
+        when the consumer asks for the next batch (only with reuse_buffers)."""
+        slot = -1
+        try:
+            for batch in self.loader:
+                if slot >= 0:
+                    self.dataset.free[slot] = 1
+                    slot = -1
+                if isinstance(batch, (tuple, list)) and len(batch) == 3:
+                    images, labels, slot = batch
+                    batch = images, labels
+                    slot = slot if self.dataset.free is not None else -1
+                yield batch
+        finally:
+            if slot >= 0:
+                self.dataset.free[slot] = 1
 
     def stats(self) -> dict:
         """Counters summed over this rank's workers since the loader was made."""
@@ -47,7 +71,7 @@ def create_loader(split, *, train: bool, batch_size: int, img_size: int = 224,
                   decoder: str = "cpu", shuffle_buffer: int = 2048, crop_pct: float = 0.875,
                   train_interpolation: str = "bilinear", eval_interpolation: str = "bicubic",
                   reduced_decode: bool = True, pin_memory: bool = False, prefetch_factor: int = 4,
-                  persistent: bool = True) -> StreamLoader:
+                  persistent: bool = True, reuse_buffers: bool = False) -> StreamLoader:
     """A loader of uint8 NHWC batches (or, with decoder='gpu', of JPEG bytes + crop boxes)."""
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
@@ -67,4 +91,5 @@ def create_loader(split, *, train: bool, batch_size: int, img_size: int = 224,
                           world_size=world_size, rank=rank, num_workers=num_workers,
                           shuffle_buffer=shuffle_buffer)
     return StreamLoader(dataset, num_workers=num_workers, pin_memory=pin_memory,
-                        prefetch_factor=prefetch_factor, persistent=persistent)
+                        prefetch_factor=prefetch_factor, persistent=persistent,
+                        reuse_buffers=reuse_buffers)

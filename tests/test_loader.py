@@ -29,7 +29,7 @@ class HashBatches:
     def __init__(self, batch_size):
         self.batch_size = batch_size
 
-    def new(self, shared):
+    def new(self, memory):
         self.keys, self.labels = [], []
 
     def add(self, i, data, label, rng):
@@ -230,3 +230,21 @@ def test_reads_shards_through_a_pipe_command(demo_shards):
     piped = load_info(f"pipe:cat {demo_shards}/{{}}").split("validation")
     assert piped.urls[0].startswith("pipe:cat ")
     assert epoch_keys(hash_loader(piped, train=False), 0) == epoch_keys(hash_loader(local, train=False), 0)
+
+
+def test_reused_buffers_give_the_same_batches_with_few_allocations(demo_shards):
+    split = load_info(str(demo_shards)).split("train")
+    runs = {}
+    for reuse in (False, True):
+        loader = create_loader(split, train=True, batch_size=B, img_size=SIZE, num_workers=2,
+                               prefetch_factor=2, reuse_buffers=reuse)
+        batches = []
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            batches += [(x.clone(), y.clone()) for x, y in loader]  # read before asking for more
+        runs[reuse] = batches, loader.stats()["new_buffers"]
+    (plain, fresh), (reused, pooled) = runs[False], runs[True]
+    assert len(plain) == len(reused) == 3 * len(loader)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, reused))
+    assert fresh == len(plain)  # one new shared buffer per batch without reuse
+    assert pooled <= 2 * (2 + 2) < fresh  # at most the pools of both workers with reuse

@@ -12,6 +12,7 @@ from model.device import Device
 from pipeline.gpu_decode import JpegBatches, crop_resize_flip, decode_batch
 from pipeline.prefetch import (IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize,
                                SyntheticBatches)
+from pipeline.stream import Memory
 from pipeline.transforms import TrainTransform
 
 
@@ -110,7 +111,7 @@ def test_gpu_decode_batches_match_cpu_decoding():
     datas = [jpeg(120, 90, seed=1), jpeg(64, 80, "L", seed=2), jpeg(100, 100, "CMYK", seed=3),
              jpeg(90, 60, "RGBA", seed=4)]
     builder = JpegBatches(tf, 4)
-    builder.new(shared=False)
+    builder.new(Memory(shared=False))
     for i, d in enumerate(datas):
         builder.add(i, d, i * 10, random.Random(i))
     batch = builder.finish(4)
@@ -144,7 +145,7 @@ def test_cuda_prefetcher_and_nvjpeg_decode():
         assert out[0][0].is_cuda and out[0][0].is_contiguous(memory_format=torch.channels_last)
     tf = TrainTransform(32)
     builder = JpegBatches(tf, 2)
-    builder.new(shared=False)
+    builder.new(Memory(shared=False))
     for i in range(2):
         builder.add(i, jpeg(120, 90, seed=i), i, random.Random(i))
     images, labels = decode_batch(builder.finish(2), dev.torch)

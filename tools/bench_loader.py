@@ -9,13 +9,15 @@ times the cores the workers can use (min(workers, cores)). Loader: our StreamLoa
 batches. `--vs-timm` also runs timm's `create_loader` (same shards, same RandomResizedCrop + flip,
 no colour jitter, uint8 fast_collate output, no normalisation) for a side-by-side ratio.
 `--epochs E` runs E short epochs and reports the workers' resident memory after each one.
-The last stdout line is a JSON object.
+`--rounds R` repeats everything R times, alternating, and reports medians (this machine's
+one-core rate drifts by 10% between runs). The last stdout line is a JSON object.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from itertools import islice
@@ -96,9 +98,11 @@ def time_batches(batches, warmup: int, steps: int, sync=lambda: None):
 
 
 def ours(args, split, device):
+    # Batches are dropped at once, as the trainer's prefetcher does after copying them, so the
+    # workers may reuse their buffers, as they do in training.
     loader = create_loader(split, train=True, batch_size=args.batch_size, img_size=args.img_size,
                            num_workers=args.workers, decoder=args.decode,
-                           pin_memory=device.type == "cuda")
+                           pin_memory=device.type == "cuda", reuse_buffers=True)
     batches = iter(loader)
     sync = lambda: None  # noqa: E731
     if args.decode == "gpu":
@@ -143,6 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--ceiling-seconds", type=float, default=5.0)
     p.add_argument("--vs-timm", action="store_true", help="also time timm's create_loader")
     p.add_argument("--epochs", type=int, default=1, help="epochs for the worker-memory check")
+    p.add_argument("--rounds", type=int, default=1, help="repeat and report medians")
     args = p.parse_args(argv)
     try:
         info = load_info(args.data_path)
@@ -153,20 +158,29 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda" if args.decode == "gpu" and torch.cuda.is_available() else "cpu")
 
-    one = one_core_rate(split, args.img_size, args.decode, args.ceiling_seconds)
     used = min(args.workers, cores()) if args.workers > 0 else 1
-    rate, n, stats, rss = ours(args, split, device)
+    ones, rates, timms, rss = [], [], [], []
+    for r in range(args.rounds):  # alternate the measurements so that drift hits all of them
+        ones.append(one_core_rate(split, args.img_size, args.decode, args.ceiling_seconds))
+        rate, n, stats, rss = ours(args, split, device)
+        rates.append(rate)
+        line = f"round {r}: ours {rate:.1f} img/s, one core {ones[-1]:.1f} img/s"
+        if args.vs_timm:
+            timms.append(timm_rate(args))
+            line += f", timm {timms[-1]:.1f} img/s"
+        print(line, flush=True)
+    one, rate = statistics.median(ones), statistics.median(rates)
     result = {"img_per_s": round(rate, 1), "ceiling_img_per_s": round(one * used, 1),
               "ratio": round(rate / (one * used), 3), "one_core_img_per_s": round(one, 1),
               "cores_used": used, "workers": args.workers, "batch_size": args.batch_size,
-              "decode": args.decode, "img_size": args.img_size, "images": n,
+              "decode": args.decode, "img_size": args.img_size, "images": n, "rounds": args.rounds,
               "skipped": stats.get("skipped", 0)}
     if rss:
         result["worker_rss_mb_per_epoch"] = rss
     print(f"ours  {rate:8.1f} img/s   ceiling {one * used:8.1f} img/s "
-          f"({used} x {one:.1f})   ratio {rate / (one * used):.3f}")
+          f"({used} x {one:.1f})   ratio {rate / (one * used):.3f}   (medians of {args.rounds})")
     if args.vs_timm:
-        t = timm_rate(args)
+        t = statistics.median(timms)
         result.update(timm_img_per_s=round(t, 1), vs_timm=round(rate / t, 3))
         print(f"timm  {t:8.1f} img/s   ours/timm {rate / t:.3f}")
     print(json.dumps(result))
