@@ -340,42 +340,46 @@ class Trainer:
                 "top5": 100 * top5 / max(n, 1)}
 
 
+def make_loaders(args, d: Dist):
+    """(train batches, validation batches or None, number of classes) for this rank."""
+    info = load_info(args.data_path) if args.data_path else None
+    num_classes = info.num_classes if info else 1000
+    if args.synthetic:
+        steps = args.perf_steps + args.perf_warmup if args.performance else 100
+        return SyntheticBatches(d.device.torch, batch_size=args.batch_size, img_size=args.img_size,
+                                num_classes=num_classes, steps=steps, seed=args.seed), None, num_classes
+    if num_classes < 1:
+        raise DataError(f"{args.data_path}: _info.json has no class list or num_classes")
+    split = info.split("train")
+    check_local_shards(split)
+    workers = args.workers if args.workers is not None else default_workers(d)
+    common = dict(batch_size=args.batch_size, img_size=args.img_size, num_workers=workers,
+                  seed=args.seed, world_size=d.world, rank=d.rank, decoder=args.decode,
+                  crop_pct=args.crop_pct, pin_memory=d.device.pin_memory(),
+                  prefetch_factor=args.prefetch_factor, persistent=args.use_multi_epochs_loader,
+                  reuse_buffers=True)  # DevicePrefetcher copies each batch before the next
+    train_loader = create_loader(split, train=True, shuffle_buffer=args.shuffle_buffer,
+                                 train_interpolation=args.train_interpolation, **common)
+    if len(train_loader) < 1:
+        raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
+                        f"({args.batch_size} x {d.world} processes); lower -b")
+    val_loader = None
+    has_val = any(name in info.splits for name in ("validation", "val", "valid"))
+    if has_val and not (args.no_val or args.performance):
+        vsplit = info.split("validation")
+        check_local_shards(vsplit)
+        val_loader = create_loader(vsplit, train=False, eval_interpolation=args.interpolation, **common)
+    say(d, f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
+           f"{len(train_loader)} steps/epoch/rank, {workers} workers/rank, decode {args.decode}")
+    return train_loader, val_loader, num_classes
+
+
 def train(args, d: Dist) -> dict | None:
     dev = d.device
     if args.data_path is None and not args.synthetic:
         prepare_demo(args, d)
-    workers = args.workers if args.workers is not None else default_workers(d)
-    info = load_info(args.data_path) if args.data_path else None
-    num_classes = info.num_classes if info else 1000
+    train_loader, val_loader, num_classes = make_loaders(args, d)
     normalize = Normalize(dev.torch, IMAGENET_MEAN, IMAGENET_STD, channels_last=args.channels_last)
-    if args.synthetic:
-        steps = args.perf_steps + args.perf_warmup if args.performance else 100
-        train_loader = SyntheticBatches(dev.torch, batch_size=args.batch_size, img_size=args.img_size,
-                                        num_classes=num_classes, steps=steps, seed=args.seed)
-        val_loader = None
-    else:
-        if num_classes < 1:
-            raise DataError(f"{args.data_path}: _info.json has no class list or num_classes")
-        split = info.split("train")
-        check_local_shards(split)
-        common = dict(batch_size=args.batch_size, img_size=args.img_size, num_workers=workers,
-                      seed=args.seed, world_size=d.world, rank=d.rank, decoder=args.decode,
-                      crop_pct=args.crop_pct, pin_memory=dev.pin_memory(),
-                      prefetch_factor=args.prefetch_factor, persistent=args.use_multi_epochs_loader,
-                      reuse_buffers=True)  # DevicePrefetcher copies each batch before the next
-        train_loader = create_loader(split, train=True, shuffle_buffer=args.shuffle_buffer,
-                                     train_interpolation=args.train_interpolation, **common)
-        if len(train_loader) < 1:
-            raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
-                            f"({args.batch_size} x {d.world} processes); lower -b")
-        val_loader = None
-        has_val = any(name in info.splits for name in ("validation", "val", "valid"))
-        if has_val and not (args.no_val or args.performance):
-            vsplit = info.split("validation")
-            check_local_shards(vsplit)
-            val_loader = create_loader(vsplit, train=False, eval_interpolation=args.interpolation, **common)
-        say(d, f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
-               f"{len(train_loader)} steps/epoch/rank, {workers} workers/rank, decode {args.decode}")
     feeder = val_feeder = DevicePrefetcher(dev, normalize)
     if args.decode == "gpu":
         from pipeline.gpu_decode import make_to_device
@@ -388,7 +392,8 @@ def train(args, d: Dist) -> dict | None:
         with open(os.path.join(args.output, "config.json"), "w") as f:
             json.dump(vars(args), f, indent=2, default=str)
     metrics = Metrics(args.output, d.main, append=bool(args.resume))
-    metrics.write(kind="config", **{k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))})
+    metrics.write(kind="config", **{k: v for k, v in vars(args).items()
+                                    if isinstance(v, (int, float, str, bool, type(None)))})
     if args.performance:
         return performance(args, d, trainer, train_loader, feeder)
 
