@@ -52,9 +52,8 @@ class StreamLoader:
                     self.dataset.free[slot] = 1
                     slot = -1
                 if isinstance(batch, (tuple, list)) and len(batch) == 3:
-                    images, labels, slot = batch
+                    images, labels, slot = batch  # slot >= 0 only for pooled buffers
                     batch = images, labels
-                    slot = slot if self.dataset.free is not None else -1
                 yield batch
         finally:
             if slot >= 0:
