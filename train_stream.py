@@ -178,8 +178,6 @@ def check_args(args) -> None:
         raise UsageError("--apex-amp runs float16 (O2); it cannot be combined with --amp-dtype bfloat16")
     if args.synthetic and args.decode != "cpu":
         raise UsageError("--synthetic reads no data, so --decode does not apply")
-    if args.decode == "gpu" and args.device in ("cpu", "npu"):
-        raise UsageError("--decode gpu needs a CUDA device (nvJPEG)")
     if not 0 < args.crop_pct <= 1:
         raise UsageError("--crop-pct must be in (0, 1]")
 
@@ -376,6 +374,8 @@ def make_loaders(args, d: Dist):
 
 def train(args, d: Dist) -> dict | None:
     dev = d.device
+    if args.decode == "gpu" and dev.type != "cuda":
+        raise UsageError(f"--decode gpu needs a CUDA device (nvJPEG); this run is on {dev.type}")
     if args.data_path is None and not args.synthetic:
         prepare_demo(args, d)
     train_loader, val_loader, num_classes = make_loaders(args, d)

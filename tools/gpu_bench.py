@@ -135,7 +135,8 @@ def main(argv=None) -> int:
 
     ok_modes = {k: v for k, v in results["compute"].items() if "fps" in v}
     best_mode = max(ok_modes, key=lambda k: ok_modes[k]["fps"]) if ok_modes else "eager"
-    ok_loaders = {k: v for k, v in results["loader"].items() if "img_per_s" in v}
+    # nvJPEG needs CUDA: on the CPU the "gpu" loader only exercises the code path
+    ok_loaders = {k: v for k, v in results["loader"].items() if "img_per_s" in v and (cuda or k == "cpu")}
     decode = max(ok_loaders, key=lambda k: ok_loaders[k]["img_per_s"]) if ok_loaders else "cpu"
     r = run_json([*perf, "--data_path", data, "-j", str(workers), "--decode", decode, *modes[best_mode]],
                  args.stage_timeout)
