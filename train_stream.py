@@ -290,12 +290,12 @@ class Trainer:
         self.schedule = LRSchedule(self.optimizer, self.sched_cfg)
         self.start_epoch, best = 0, None
         if args.resume:
-            state = resume(args.resume, self.model, self.optimizer, self.precision, self.schedule,
+            # The schedule is not restored: the LR is a pure function of (step, schedule), and
+            # this run's flags and world size decide it, so a resume on another number of
+            # devices keeps the right curve.
+            state = resume(args.resume, self.model, self.optimizer, self.precision, None,
                            self.dev, restore_rng=d.main)
             self.start_epoch, best = state["epoch"], state["best_metric"]
-            # The LR is a pure function of (step, schedule): this run's flags and world size
-            # decide it, so a resume on another number of devices keeps the right curve.
-            self.schedule = LRSchedule(self.optimizer, self.sched_cfg)
         self.saver = CheckpointSaver(args.output, self.dev, best) if args.output and d.main else None
         self.plain = self.model  # for eval and checkpoints: no DDP, no compile
         if d.world > 1:
@@ -482,7 +482,7 @@ def performance(args, d: Dist, trainer: Trainer, loader, feeder) -> dict:
         step += 1
     d.device.synchronize()
     elapsed = time.perf_counter() - start
-    elapsed, wait = all_reduce([elapsed, wait], d, dist.ReduceOp.MAX if d.world > 1 else None)
+    elapsed, wait = all_reduce([elapsed, wait], d, dist.ReduceOp.MAX)
     images_done = args.perf_steps * args.batch_size * d.world
     result = {
         "fps": round(images_done / elapsed, 2),

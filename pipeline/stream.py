@@ -170,12 +170,11 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         epoch = self.epoch.value if self.epoch is not None else 0
-        stats = _StatsView(self.stats, worker)
-        if self.memory is None:
+        if self.memory is None:  # once per worker: counters and buffers outlive the epoch
             pooled = info is not None and self.free is not None
             self.memory = Memory(info is not None, self.free, worker * self.pool_size,
-                                 self.pool_size if pooled else 0, stats)
-        self.memory.stats = stats
+                                 self.pool_size if pooled else 0, _StatsView(self.stats, worker))
+        stats = self.memory.stats
         plan = self.plan(epoch, worker)
         rng = random.Random(f"augment:{self.seed}:{epoch}:{self.rank}:{worker}")
         warn = RateLimited()

@@ -29,6 +29,8 @@ import time
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
+from tools.bench_loader import cores  # noqa: E402  (the cores this process may use)
+
 
 def environment() -> dict:
     import torch
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
         args.images, args.model, args.batch_size, args.img_size = 120, "resnet10t", 8, 32
         args.steps, args.warmup, args.no_compile = 2, 1, True
     cuda = torch.cuda.is_available()
-    workers = args.workers or max(1, (os.cpu_count() or 2) - 1)
+    workers = args.workers or max(1, cores() - 1)
     env = environment()
     print(f"gpu_bench: {env['device']}, driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']}, "
           f"{env['cpus']} CPUs", flush=True)
