@@ -1,10 +1,11 @@
 # Two entry points (README): `make demo` trains on the built-in demo data,
-# `make test` runs the test suite. Each creates or reuses .venv and installs what it needs.
+# `make test` runs the test suite (lint + every test; CI runs it). Each creates or reuses .venv
+# and installs what it needs. `make test-fast` skips the tests marked slow (under a minute).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test clean
+.PHONY: demo test test-fast lint clean
 
 $(VENV)/.deps: requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,8 +15,14 @@ $(VENV)/.deps: requirements.txt requirements-test.txt
 demo: $(VENV)/.deps
 	$(PY) train_stream.py --output output/demo
 
-test: $(VENV)/.deps
+lint: $(VENV)/.deps
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q
+
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) .demo output .pytest_cache

@@ -4,7 +4,7 @@ A checkpoint is a dict of tensors and plain Python values only:
   model        state_dict of the unwrapped module (no `module.` / `_orig_mod.` prefixes)
   optimizer    optimizer.state_dict() (momentum buffers)
   scaler       precision.state_dict() (GradScaler / Apex loss scale; {} for bf16/fp32)
-  schedule     LRSchedule.state_dict()
+  schedule     LRSchedule.state_dict(), for the record (the LR is a pure function of the step)
   epoch        the epoch just finished; resume continues at epoch + 1
   config       the run's resolved config (values that are not plain types become strings)
   rng          python `random`, numpy (as lists), torch CPU and accelerator generator states
@@ -22,11 +22,8 @@ import tempfile
 import torch
 from torch import nn
 
+from common.errors import CheckpointError
 from model.device import Device
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read; the message is one line for the user."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -187,7 +184,7 @@ class CheckpointSaver:
         return is_best
 
 
-def resume(path: str, model, optimizer, precision, schedule, device: Device | None = None,
+def resume(path: str, model, optimizer, precision, device: Device | None = None,
            restore_rng: bool = True) -> dict:
     """Restore everything `CheckpointSaver.save` wrote; returns {'epoch': next epoch to run,
     'best_metric', 'config', 'metric'}. Call on every rank, after precision.prepare() and
@@ -204,8 +201,6 @@ def resume(path: str, model, optimizer, precision, schedule, device: Device | No
     _load_optimizer(optimizer, ckpt["optimizer"])
     if precision is not None:
         precision.load_state_dict(ckpt.get("scaler") or {})
-    if schedule is not None and ckpt.get("schedule"):
-        schedule.load_state_dict(ckpt["schedule"])
     if restore_rng and ckpt.get("rng"):
         set_rng_state(ckpt["rng"], device)
     return {"epoch": int(ckpt["epoch"]) + 1, "best_metric": ckpt.get("best_metric"),

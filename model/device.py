@@ -8,13 +8,16 @@ hardware was available.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
 
+from common.errors import DeviceError
 
-class DeviceError(RuntimeError):
-    """A device that was asked for is not usable; the message is one line for the user."""
+# Set to 1 or 0 to override the CPU's detected bf16 capability (tests run both ways; a user
+# can force either on a CPU whose detection is wrong).
+CPU_BF16_ENV = "STREAM_CPU_BF16"
 
 
 def _npu_available() -> bool:
@@ -47,12 +50,22 @@ class Device:
     def dist_backend(self) -> str:
         return {"cuda": "nccl", "npu": "hccl"}.get(self.type, "gloo")
 
+    def name(self) -> str:
+        """'cpu' or 'cuda:<card name>' (for reports)."""
+        if self.is_accelerator:
+            return f"{self.type}:{self.module.get_device_name(self.index)}"
+        return "cpu"
+
     def set_current(self) -> None:
         if self.is_accelerator:
             self.module.set_device(self.index)
 
     def supports_bf16(self) -> bool:
+        """Whether bf16 is fast here (not merely emulated)."""
         if self.type == "cpu":  # oneDNN's bf16 kernels need AVX512-BF16/AMX-class CPUs to be fast
+            forced = os.environ.get(CPU_BF16_ENV, "").strip()
+            if forced in ("0", "1"):
+                return forced == "1"
             try:
                 return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
             except (AttributeError, RuntimeError):

@@ -9,6 +9,8 @@ import timm
 import torch
 from torch import nn
 
+from common.errors import ConfigError
+
 DEFAULT_MODEL = "gluon_resnet50_v1b"
 
 
@@ -25,7 +27,7 @@ def create_model(name: str = DEFAULT_MODEL, num_classes: int = 1000, zero_init_l
     zero_init_last zeroes the last BN gamma of every residual block (timm ResNets accept it;
     "Bag of Tricks", Goyal et al.). Architectures whose constructor has no such argument are built
     without it, silently: the flag is a ResNet recipe detail, not a reason to refuse a model.
-    Unknown names raise ValueError.
+    Unknown names raise ConfigError.
     """
     build = dict(pretrained=False, num_classes=num_classes, **kwargs)
     try:
@@ -37,7 +39,7 @@ def create_model(name: str = DEFAULT_MODEL, num_classes: int = 1000, zero_init_l
             model = timm.create_model(name, **build)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise ValueError(f"unknown model {name!r}: use a timm model name, e.g. {DEFAULT_MODEL} "
+            raise ConfigError(f"unknown model {name!r}: use a timm model name, e.g. {DEFAULT_MODEL} "
                              f"or resnet50 (timm.list_models() lists them)") from None
         raise
     dev = _to_torch_device(device)

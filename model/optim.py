@@ -18,11 +18,8 @@ import functools
 import torch
 from torch import nn
 
+from common.errors import OptimizerError
 from model.device import Device
-
-
-class OptimizerError(RuntimeError):
-    """The requested optimizer cannot be built; the message is one line for the user."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

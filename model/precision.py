@@ -8,20 +8,22 @@
   to fp16 with fp32 master weights and dynamic loss scaling. On NPU this is Ascend's Apex fork,
   given `combine_grad=True` as its fused optimizers require (untested: no Ascend hardware here);
 - disabled: float32, every method a no-op pass-through.
+
+`resolve_precision` is the one place that turns the command line's AMP flags into a Precision;
+train_stream.py and every benchmark tool call it, so both sides of a comparison compute alike.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
+from common.errors import PrecisionError
 from model.device import Device
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", None: "float32"}
-
-
-class PrecisionError(RuntimeError):
-    """The requested precision cannot be used; the message is one line for the user."""
+log = logging.getLogger("model")
 
 
 def _import_apex_amp():
@@ -62,8 +64,12 @@ class Precision:
             if dtype not in (None, "bfloat16", "float16"):
                 raise PrecisionError(f"unknown AMP dtype {dtype!r}: choose bfloat16 or float16")
             if dtype == "bfloat16" and not device.supports_bf16():
-                raise PrecisionError(f"this {device.type} device does not support bfloat16; "
-                                     f"use --amp-dtype float16")
+                if device.type != "cpu":
+                    raise PrecisionError(f"this {device.type} device does not support bfloat16; "
+                                         f"use --amp-dtype float16")
+                # torch's CPU autocast runs bf16 anywhere, only slower without AVX512-BF16/AMX
+                log.warning("this CPU has no fast bfloat16 (AVX512-BF16/AMX): bfloat16 autocast "
+                            "runs, but slower than float32")
             self.mode, self.dtype = "native", device.amp_dtype(dtype)
             if self.dtype == torch.float16:
                 self.scaler = _grad_scaler(device)
@@ -121,3 +127,16 @@ class Precision:
             self._amp.load_state_dict(state)
         elif self.scaler is not None:
             self.scaler.load_state_dict(state)
+
+
+def resolve_precision(device: Device, amp: bool = True, amp_dtype: str | None = None,
+                      apex: bool = False) -> Precision:
+    """The Precision a run gets from its flags (--amp/--no-amp, --amp-dtype, --apex-amp).
+
+    With --amp and no --amp-dtype: bfloat16 where the device has fast bf16, else float16 with
+    a GradScaler on accelerators, and float32 on a CPU without fast bf16 (its float16 autocast
+    is slower than float32). An explicit --amp-dtype is always honoured (see Precision).
+    """
+    if amp and not apex and device.type == "cpu" and not amp_dtype and not device.supports_bf16():
+        amp = False
+    return Precision(device, enabled=amp or apex, dtype=amp_dtype, apex=apex)

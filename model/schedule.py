@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from common.errors import ConfigError
+
 SCHEDULES = ("cosine", "step")
 
 # Defaults of timm's current train.py (the reference port ran an older timm whose defaults were
@@ -51,9 +53,9 @@ class ScheduleConfig:
 
     def __post_init__(self):
         if self.sched not in SCHEDULES:
-            raise ValueError(f"unknown LR schedule {self.sched!r}: choose {' or '.join(SCHEDULES)}")
+            raise ConfigError(f"unknown LR schedule {self.sched!r}: choose {' or '.join(SCHEDULES)}")
         if self.steps_per_epoch < 1 or self.epochs < 1:
-            raise ValueError(f"the LR schedule needs epochs >= 1 and steps_per_epoch >= 1 "
+            raise ConfigError(f"the LR schedule needs epochs >= 1 and steps_per_epoch >= 1 "
                              f"(got {self.epochs} and {self.steps_per_epoch})")
 
 
@@ -117,9 +119,6 @@ class LRSchedule:
         return lr
 
     def state_dict(self) -> dict:
+        """For the record in a checkpoint; resume does not read it back: the LR is a pure
+        function of the step and of the resuming run's flags (docs/training_core.md)."""
         return {"cfg": asdict(self.cfg), "last_step": self.last_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restores the saved config (like timm's scheduler) and re-applies the LR of the saved step."""
-        self.cfg = ScheduleConfig(**state["cfg"])
-        self.step(int(state["last_step"]))

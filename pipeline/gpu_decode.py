@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .transforms import jpeg_header
+from .jpeg import jpeg_header
 
 _GPU_OK_COMPONENTS = (1, 3)
 

@@ -12,14 +12,12 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from common.errors import DataError
+
 INFO_NAMES = ("_info.json", "info.json")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.+=-]+(/[A-Za-z0-9_.+=-]+)*")
 # timm's readers name the validation split "validation"; accept the common aliases.
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "valid")}
-
-
-class DataError(RuntimeError):
-    """Bad or missing data; the message is one line for the user."""
 
 
 @dataclass(frozen=True)

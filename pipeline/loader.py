@@ -1,7 +1,7 @@
-"""Stage 5: the DataLoader around a ShardStream, as one object with `set_epoch` and counters.
+"""Stage 5: the loader contract, and the DataLoader around a ShardStream that fulfils it.
 
 Workers are persistent by default (`--use-multi-epochs-loader`): they live across epochs and
-read the epoch from a shared value, so the order still changes every epoch.
+read the epoch from shared memory, so the order still changes every epoch.
 
 `reuse_buffers=True` is a promise of the consumer: it no longer reads a batch's images once it
 has asked for the next batch (DevicePrefetcher keeps it: it copies a batch to the device, or
@@ -10,59 +10,68 @@ batches into the shared buffers of batches already consumed instead of fresh sha
 """
 from __future__ import annotations
 
-import multiprocessing as mp
+from typing import Iterator, Protocol, runtime_checkable
 
 from torch.utils.data import DataLoader
 
-from .stream import STATS, PixelBatches, ShardStream
+from .stream import Batch, PixelBatches, ShardStream, SharedState
 from .transforms import EvalTransform, TrainTransform
 
 DECODERS = ("cpu", "pil", "gpu")
 
 
+@runtime_checkable
+class BatchLoader(Protocol):
+    """What the trainer needs from a source of batches (shard loader, synthetic data, DALI).
+
+    `__len__` is the number of batches per epoch on this rank, the same on every rank for
+    training; `set_epoch` is called before each epoch; `stats()` returns counters summed over
+    the loader's workers since it was made, with at least the keys of `pipeline.stream.STATS`.
+    """
+
+    def __iter__(self) -> Iterator: ...
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def stats(self) -> dict: ...
+
+
 class StreamLoader:
+    """A BatchLoader of (images, labels) from a ShardStream, in DataLoader worker processes."""
+
     def __init__(self, dataset: ShardStream, *, num_workers: int, pin_memory: bool,
-                 prefetch_factor: int = 4, persistent: bool = True, reuse_buffers: bool = False):
-        ctx = mp.get_context()
-        dataset.epoch = ctx.Value("q", 0, lock=False)
-        dataset.stats = ctx.Array("q", max(1, num_workers) * len(STATS), lock=False)
-        if reuse_buffers and persistent and num_workers > 0:
-            # in flight per worker: prefetch_factor queued, one held by the consumer, one pinning
-            dataset.pool_size = prefetch_factor + 2
-            dataset.free = ctx.Array("b", num_workers * dataset.pool_size, lock=False)
-        self.dataset = dataset
+                 prefetch_factor: int = 4, persistent: bool = True):
+        self.dataset, self.shared = dataset, dataset.shared
         self.loader = DataLoader(
             dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             persistent_workers=persistent and num_workers > 0)
 
     def set_epoch(self, epoch: int) -> None:
-        self.dataset.epoch.value = epoch
+        self.shared.epoch.value = epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __iter__(self):
-        """(images, labels) batches; the buffer slot a batch came in is handed back to its worker
-        when the consumer asks for the next batch (only with reuse_buffers)."""
+        """(images, labels) batches; a pooled buffer goes back to its worker when the consumer
+        asks for the next batch."""
         slot = -1
         try:
             for batch in self.loader:
-                if slot >= 0:
-                    self.dataset.free[slot] = 1
-                    slot = -1
-                if isinstance(batch, (tuple, list)) and len(batch) == 3:
-                    images, labels, slot = batch  # slot >= 0 only for pooled buffers
+                self.shared.release(slot)
+                slot = -1
+                if isinstance(batch, Batch):
+                    images, labels, slot = batch
                     batch = images, labels
                 yield batch
         finally:
-            if slot >= 0:
-                self.dataset.free[slot] = 1
+            self.shared.release(slot)
 
     def stats(self) -> dict:
-        """Counters summed over this rank's workers since the loader was made."""
-        values = list(self.dataset.stats)
-        return {k: sum(values[i::len(STATS)]) for i, k in enumerate(STATS)}
+        return self.shared.totals()
 
 
 def create_loader(split, *, train: bool, batch_size: int, img_size: int = 224,
@@ -86,9 +95,11 @@ def create_loader(split, *, train: bool, batch_size: int, img_size: int = 224,
         builder = JpegBatches(transform, batch_size)
     else:
         builder = PixelBatches(transform, batch_size)
+    # in flight per worker: prefetch_factor queued, one held by the consumer, one pinning
+    pooled = reuse_buffers and persistent and num_workers > 0
+    shared = SharedState(num_workers, pool_size=prefetch_factor + 2 if pooled else 0)
     dataset = ShardStream(split, builder, batch_size=batch_size, train=train, seed=seed,
                           world_size=world_size, rank=rank, num_workers=num_workers,
-                          shuffle_buffer=shuffle_buffer)
+                          shuffle_buffer=shuffle_buffer, shared=shared)
     return StreamLoader(dataset, num_workers=num_workers, pin_memory=pin_memory,
-                        prefetch_factor=prefetch_factor, persistent=persistent,
-                        reuse_buffers=reuse_buffers)
+                        prefetch_factor=prefetch_factor, persistent=persistent)

@@ -73,29 +73,3 @@ class DevicePrefetcher:
 def _copy_pair(batch, device):
     images, labels = batch
     return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-
-class SyntheticBatches:
-    """Device-resident random uint8 batches for compute-only measurements (same shapes, same
-    normalisation path as real data; nothing crosses the host-device link)."""
-
-    def __init__(self, device, *, batch_size: int, img_size: int, num_classes: int,
-                 steps: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.randint(0, 256, (batch_size, img_size, img_size, 3),
-                                    dtype=torch.uint8, generator=g).to(device)
-        self.labels = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
-        self.steps = steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-    def stats(self) -> dict:
-        return {}
-
-    def __iter__(self):
-        for _ in range(self.steps):
-            yield self.images, self.labels

@@ -1,12 +1,15 @@
-"""Stage 3a: samples out of one tar shard.
+"""Stage 3a: the tar format, read and written in this one module.
 
-A minimal tar reader instead of webdataset's `tar_file_expander` + `group_by_keys`: measured on
-the 2-core development machine it costs 25 us per 110 KiB sample against 145 us (tarfile's
-per-member objects), which is 10% of a core's decode budget. It groups members into samples
-the webdataset way (key = path up to the first dot of the file name, extension lower-cased),
-reads USTAR, PAX and GNU long-name headers, skips the first `skip` samples by seeking where the
-file allows it, and reports a truncated or corrupt shard instead of dying. Remote shards
-(http, pipe:) are opened with webdataset's `gopen`.
+Reading: samples out of one shard with a minimal reader instead of webdataset's
+`tar_file_expander` + `group_by_keys`, whose per-member tarfile objects cost several times more
+per sample (BENCHMARKS.md). It groups members into samples the webdataset way (key = path up to
+the first dot of the file name, extension lower-cased), reads USTAR, PAX and GNU long-name
+headers, skips the first `skip` samples by seeking where the file allows it, and reports a
+truncated or corrupt shard instead of dying. Remote shards (http, pipe:) are opened with
+webdataset's `gopen`.
+
+Writing: USTAR headers built by hand (tarfile's addfile costs several times more per sample,
+BENCHMARKS.md); the bytes equal tarfile's for the same members (tests/test_make_shards.py).
 """
 from __future__ import annotations
 
@@ -173,3 +176,31 @@ def iter_samples(f, skip: int = 0, take: int | None = None):
             sample[ext] = read()
     if sample is not None:
         yield sample
+
+
+# ---------------------------------------------------------------- writing
+_USTAR_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(64 + 183)  # type, link, magic, names, dev, prefix
+_USTAR_TAIL_SUM = sum(_USTAR_TAIL) + 8 * 32  # the checksum field itself counts as 8 spaces
+_USTAR_MODE_IDS = b"0000644\0" b"0000000\0" b"0000000\0"  # mode 644, uid 0, gid 0
+_USTAR_MTIME = b"00000000000\0"
+_END_OF_ARCHIVE = bytes(2 * BLOCK)
+_RECORD = 20 * BLOCK  # tar pads archives to whole records, as tarfile and GNU tar do
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte header of a regular file: mode 644, uid/gid 0, mtime 0 (reproducible)."""
+    head = name.encode("ascii").ljust(100, b"\0") + _USTAR_MODE_IDS + b"%011o\0" % size + _USTAR_MTIME
+    return head + b"%06o\0 " % (sum(head) + _USTAR_TAIL_SUM) + _USTAR_TAIL
+
+
+def tar_members(members) -> bytes:
+    """Bytes of tar members [(name, data), ...] (no end-of-archive marker)."""
+    parts = []
+    for name, data in members:
+        parts += (ustar_header(name, len(data)), data, bytes(-len(data) % BLOCK))
+    return b"".join(parts)
+
+
+def tar_end(offset: int) -> bytes:
+    """End-of-archive blocks for an archive whose members end at offset."""
+    return _END_OF_ARCHIVE + bytes(-(offset + len(_END_OF_ARCHIVE)) % _RECORD)

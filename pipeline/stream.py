@@ -1,33 +1,89 @@
 """Stages 3-4 inside a DataLoader worker: planned shard pieces -> samples -> shuffle buffer ->
 decode + augment -> batches collated straight into one preallocated uint8 NHWC tensor.
 
-The epoch comes from a shared `multiprocessing.Value` that the main process sets before each
-epoch, so persistent workers (which keep their own copy of this object) still see it.
-Per-worker counters (samples, skipped, shard errors, padded, new buffers) live in a shared array.
-
-Image batches are born in shared memory, so sending one to the main process copies nothing. A
-fresh shared batch still costs its page faults: 6.5 ms for 64 x 224 x 224 x 3 bytes, 100 us per
-image, ~8% of a core's decode budget. With a buffer pool, a worker reuses the buffers that the
-main process has handed back (`StreamLoader(reuse_buffers=True)`), and allocates anew only when
-none is free.
+Everything a worker shares with the main process is one `SharedState`, made before the workers
+start and handed to `ShardStream`: the epoch (set by the main process before each epoch, so
+persistent workers, which keep their own copy of the stream, still see it), per-worker counters
+(`Stat`), and the buffer pool's free flags. Image batches are born in shared memory, so sending
+one to the main process copies nothing; with a pool, a worker reuses the buffers that the main
+process has handed back instead of paying a fresh buffer's page faults (BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import enum
 import logging
 import math
+import multiprocessing as mp
 import random
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .plan import eval_plan, train_plan, train_steps, eval_batches
+from common.errors import DataLoadingError
+
+from .plan import eval_batches, eval_plan, train_plan, train_steps
 from .shards import ShardCorrupt, iter_samples, open_shard
 from .transforms import DecodeError
 
 log = logging.getLogger("pipeline")
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "img")
-STATS = ("samples", "skipped", "shard_errors", "padded", "new_buffers")
+
+
+class Stat(enum.IntEnum):
+    """Per-worker counters, summed by `StreamLoader.stats()`."""
+    SAMPLES = 0  # samples put into batches
+    SKIPPED = 1  # samples dropped: undecodable image, bad label, missing member
+    SHARD_ERRORS = 2  # shard reads that failed or ended early
+    PADDED = 3  # repeated samples that kept a training batch full after data was lost
+    NEW_BUFFERS = 4  # batch buffers allocated (not taken from the pool)
+
+
+STATS = tuple(s.name.lower() for s in Stat)  # the names stats() reports
+
+
+class Batch(NamedTuple):
+    """What a worker sends: images, labels and the pool slot of the images (-1: not pooled)."""
+    images: object  # uint8 (B, H, W, 3) tensor, or a JpegBatch for GPU decoding
+    labels: torch.Tensor
+    slot: int = -1
+
+
+class SharedState:
+    """Memory shared by the main process and the workers of one loader."""
+
+    def __init__(self, num_workers: int = 0, pool_size: int = 0, ctx=None):
+        ctx = ctx or mp.get_context()
+        self.num_workers, self.pool_size = max(1, num_workers), pool_size
+        self.epoch = ctx.Value("q", 0, lock=False)
+        self.stats = ctx.Array("q", self.num_workers * len(Stat), lock=False)
+        # free[worker * pool_size + k]: the consumer handed buffer k of that worker back
+        self.free = ctx.Array("b", max(1, self.num_workers * pool_size), lock=False)
+
+    def counters(self, worker: int) -> "Counters":
+        return Counters(self.stats, worker * len(Stat))
+
+    def totals(self) -> dict:
+        values = list(self.stats)
+        return {s.name.lower(): sum(values[s::len(Stat)]) for s in Stat}
+
+    def release(self, slot: int) -> None:
+        if slot >= 0:
+            self.free[slot] = 1
+
+
+class Counters:
+    """One worker's slice of the shared counters."""
+
+    def __init__(self, array, base: int):
+        self.array, self.base = array, base
+
+    def add(self, stat: Stat, n: int = 1) -> None:
+        self.array[self.base + stat] += n
+
+    def __getitem__(self, stat: Stat) -> int:
+        return self.array[self.base + stat]
 
 
 def empty(shape, dtype, shared: bool) -> torch.Tensor:
@@ -42,8 +98,9 @@ class Memory:
     """Where a worker's batches are allocated: private memory in the main process, shared memory
     in a worker, from its pool of reusable image buffers when it has one."""
 
-    def __init__(self, shared: bool, free=None, base: int = 0, size: int = 0, stats=None):
-        self.shared, self.free, self.base, self.size, self.stats = shared, free, base, size, stats
+    def __init__(self, shared: bool, free=None, base: int = 0, size: int = 0, counters=None):
+        self.shared, self.free, self.base, self.size = shared, free, base, size
+        self.counters = counters
         self.buffers = []
 
     def empty(self, shape, dtype) -> torch.Tensor:
@@ -55,8 +112,8 @@ class Memory:
             if self.free[self.base + k]:
                 self.free[self.base + k] = 0
                 return buf, self.base + k
-        if self.stats is not None:
-            self.stats[STATS.index("new_buffers")] += 1
+        if self.counters is not None:
+            self.counters.add(Stat.NEW_BUFFERS)
         buf = self.empty(shape, torch.uint8)
         if len(self.buffers) < self.size:
             self.buffers.append(buf)
@@ -77,7 +134,7 @@ class RateLimited:
             log.warning("%s%s", msg, f" ({n} so far in this worker)" if n > 5 else "")
 
 
-def read_pieces(urls, pieces, warn, stats):
+def read_pieces(urls, pieces, warn, counters: Counters):
     """Samples of the planned pieces; a damaged or missing shard loses only what it lacks."""
     for p in pieces:
         got, url = 0, urls[p.shard]
@@ -90,7 +147,7 @@ def read_pieces(urls, pieces, warn, stats):
                 raise ShardCorrupt(f"holds fewer samples than _info.json lists (read {got} of "
                                    f"{p.take} planned from sample {p.skip} on)")
         except (ShardCorrupt, OSError, ValueError) as e:  # pipes and curl raise several types
-            stats[STATS.index("shard_errors")] += 1
+            counters.add(Stat.SHARD_ERRORS)
             warn(f"shard {url}: {e}; lost {p.take - got} of its planned samples")
 
 
@@ -119,8 +176,7 @@ def image_and_label(sample):
 
 
 class PixelBatches:
-    """Collate decoded uint8 HWC images into one (B, H, W, 3) tensor plus int64 labels; the
-    batch travels as (images, labels, buffer slot), and StreamLoader drops the slot."""
+    """Collate decoded uint8 HWC images into one (B, H, W, 3) tensor plus int64 labels."""
 
     def __init__(self, transform, batch_size: int):
         self.transform, self.batch_size = transform, batch_size
@@ -134,8 +190,8 @@ class PixelBatches:
         self.transform(data, self.images[i], rng)
         self.labels[i] = label
 
-    def finish(self, n: int):
-        return self.images[:n], self.labels[:n], self.slot
+    def finish(self, n: int) -> Batch:
+        return Batch(self.images[:n], self.labels[:n], self.slot)
 
 
 class ShardStream(IterableDataset):
@@ -143,14 +199,12 @@ class ShardStream(IterableDataset):
 
     def __init__(self, split, builder, *, batch_size: int, train: bool, seed: int = 0,
                  world_size: int = 1, rank: int = 0, num_workers: int = 0,
-                 shuffle_buffer: int = 2048, epoch=None, stats=None, free=None, pool_size: int = 0):
+                 shuffle_buffer: int = 2048, shared: SharedState | None = None):
         self.urls, self.lengths = split.urls, split.lengths
         self.builder, self.batch_size, self.train = builder, batch_size, train
         self.seed, self.world_size, self.rank = seed, world_size, rank
         self.num_workers, self.shuffle_buffer = max(1, num_workers), shuffle_buffer
-        self.epoch = epoch  # multiprocessing.Value('q') shared with the workers
-        self.stats = stats  # multiprocessing.Array('q', num_workers * len(STATS))
-        self.free, self.pool_size = free, pool_size  # Array('b', workers * pool_size): handed back
+        self.shared = shared if shared is not None else SharedState(num_workers)
         self.memory = None  # made in the worker, kept across epochs with persistent workers
 
     def __len__(self) -> int:
@@ -169,21 +223,22 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        epoch = self.epoch.value if self.epoch is not None else 0
+        shared = self.shared
+        epoch = shared.epoch.value
         if self.memory is None:  # once per worker: counters and buffers outlive the epoch
-            pooled = info is not None and self.free is not None
-            self.memory = Memory(info is not None, self.free, worker * self.pool_size,
-                                 self.pool_size if pooled else 0, _StatsView(self.stats, worker))
-        stats = self.memory.stats
+            pooled = info is not None and shared.pool_size > 0
+            self.memory = Memory(info is not None, shared.free, worker * shared.pool_size,
+                                 shared.pool_size if pooled else 0, shared.counters(worker))
+        counters = self.memory.counters
         plan = self.plan(epoch, worker)
         rng = random.Random(f"augment:{self.seed}:{epoch}:{self.rank}:{worker}")
         warn = RateLimited()
-        samples = read_pieces(self.urls, plan.pieces, warn, stats)
+        samples = read_pieces(self.urls, plan.pieces, warn, counters)
         if self.train and self.shuffle_buffer > 1:
             samples = shuffled(samples, self.shuffle_buffer, rng)
-        yield from self._batches(samples, plan.num_samples, rng, warn, stats)
+        yield from self._batches(samples, plan.num_samples, rng, warn, counters)
 
-    def _batches(self, samples, quota: int, rng, warn, stats):
+    def _batches(self, samples, quota: int, rng, warn, counters: Counters):
         """Exactly `quota` samples in full batches (the last one partial in eval); training pads
         with recently seen samples when damaged data left the stream short."""
         b, i, done, recent = self.builder, 0, 0, []
@@ -194,18 +249,18 @@ class ShardStream(IterableDataset):
                 if not self.train or not recent:
                     break
                 sample = rng.choice(recent)
-                stats[STATS.index("padded")] += 1
+                counters.add(Stat.PADDED)
             try:
                 data, label = image_and_label(sample)
                 b.add(i, data, label, rng)
             except DecodeError as e:
-                stats[STATS.index("skipped")] += 1
+                counters.add(Stat.SKIPPED)
                 warn(f"skipped sample {sample.get('__key__')!r}: {e}")
                 continue
             if self.train:
                 recent = (recent + [sample])[-16:]
             i, done = i + 1, done + 1
-            stats[0] += 1
+            counters.add(Stat.SAMPLES)
             if i == self.batch_size or done == quota:
                 yield b.finish(i)
                 i = 0
@@ -214,22 +269,5 @@ class ShardStream(IterableDataset):
         if i:
             yield b.finish(i)
         if self.train and done < quota:
-            raise RuntimeError(f"rank {self.rank} worker could not read a single sample of its "
-                               f"{len(self.urls)}-shard split: see the warnings above")
-
-
-class _StatsView:
-    """This worker's slice of the shared counters (a plain list when running without them)."""
-
-    def __init__(self, array, worker: int):
-        self.array, self.base = array, worker * len(STATS)
-        self.local = [0] * len(STATS)
-
-    def __getitem__(self, i):
-        return self.array[self.base + i] if self.array is not None else self.local[i]
-
-    def __setitem__(self, i, value):
-        if self.array is not None:
-            self.array[self.base + i] = value
-        else:
-            self.local[i] = value
+            raise DataLoadingError(f"rank {self.rank}: a loader worker could not read a single sample "
+                                   f"of its {len(self.urls)}-shard split: see the warnings above")

@@ -1,10 +1,8 @@
 """Stage 3b: decode + augment one sample into a uint8 HWC slot of the batch.
 
-Measured per image on one core of the development machine (110 KiB, ~500x375 JPEGs):
-torchvision `decode_jpeg` 1,130 us, PIL 1,290 us; then crop + resize to 224 with torch's uint8
-antialiased kernel 120 us when the crop is first made channels-last-contiguous (it is 200 us on
-the strided view, and its output then needs a 160 us permuting copy), flip 12 us, copy 3 us.
-PIL's own resize of the same crop took 720 us, so both decoders share the torch resize.
+Both decoders (torchvision `decode_jpeg`, PIL) share one resize: torch's uint8 antialiased
+kernel, run on a crop first made channels-last-contiguous so that its output is already HWC
+(PIL's own resize and the strided-view variant cost more: BENCHMARKS.md, "Streaming loader").
 
 Reduced-size decoding: when the crop is at least twice the output size in both directions, the
 JPEG is decoded by PIL at 1/2, 1/4 or 1/8 scale (libjpeg-turbo DCT scaling, `Image.draft`).
@@ -19,37 +17,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .jpeg import jpeg_header
+
 # PIL hands over read-only buffers; we only ever read them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+__all__ = ["DecodeError", "EvalTransform", "TrainTransform", "decode", "jpeg_header", "resize_into", "rrc_box"]
 
 
 class DecodeError(Exception):
     """The bytes are not a decodable image."""
-
-
-def jpeg_header(data) -> tuple[int, int, int] | None:
-    """(width, height, components) from a JPEG's frame header, None if not a JPEG."""
-    n = len(data)
-    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        return None
-    i = 2
-    while i + 9 < n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            i += 2
-            continue
-        if marker in _SOF:
-            h, w = (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
-            return (w, h, data[i + 9]) if w and h else None
-        i += 2 + ((data[i + 2] << 8) | data[i + 3])
-    return None
 
 
 def rrc_box(width: int, height: int, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):

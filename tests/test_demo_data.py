@@ -1,4 +1,4 @@
-"""tools/make_demo_data.py: deterministic, well-formed, learnable demo ImageFolder."""
+"""dataprep/demo.py and tools/make_demo_data.py: deterministic, well-formed, learnable demo ImageFolder."""
 import os
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.make_demo_data import ODD_KINDS, class_names, make_demo_data
+from dataprep.demo import ODD_KINDS, class_names, make_demo_data
 
 SMALL = dict(num_classes=5, train_per_class=12, val_per_class=6, image_size=(64, 48))
 

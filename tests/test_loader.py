@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from pipeline.info import DataError, check_local_shards, load_info
-from pipeline.loader import StreamLoader, create_loader
+from pipeline.loader import BatchLoader, StreamLoader, create_loader
 from pipeline.plan import train_steps
 from pipeline.shards import iter_samples
-from pipeline.stream import ShardStream
+from pipeline.stream import STATS, ShardStream
+from pipeline.synthetic import SyntheticBatches
 from pipeline.transforms import TrainTransform
 
 B, SIZE = 8, 32
@@ -248,3 +249,16 @@ def test_reused_buffers_give_the_same_batches_with_few_allocations(demo_shards):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, reused))
     assert fresh == len(plain)  # one new shared buffer per batch without reuse
     assert pooled <= 2 * (2 + 2) < fresh  # at most the pools of both workers with reuse
+
+
+def test_loaders_fulfil_the_batch_loader_contract(demo_shards):
+    split = load_info(str(demo_shards)).split("train")
+    shard = create_loader(split, train=True, batch_size=B, img_size=SIZE, num_workers=0)
+    synthetic = SyntheticBatches("cpu", batch_size=B, img_size=SIZE, num_classes=3, steps=2)
+    for loader in (shard, synthetic):
+        assert isinstance(loader, BatchLoader)
+        loader.set_epoch(1)
+        n = sum(len(labels) for _, labels in loader)
+        assert n == len(loader) * B
+        stats = loader.stats()
+        assert set(STATS) <= set(stats) and stats["samples"] == n and stats["skipped"] == 0

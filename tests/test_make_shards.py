@@ -15,9 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.make_demo_data import make_demo_data
-from tools.make_shards import (INFO, SKIPPED, STATE, ShardError, jpeg_frame, make_shards, sample_key, tar_end,
-                               tar_members, verify_shards)
+from common.errors import ShardError
+from dataprep import make_shards, verify_shards
+from dataprep.demo import make_demo_data
+from dataprep.outdir import INFO, SKIPPED, STATE
+from dataprep.writer import sample_key
+from pipeline.jpeg import jpeg_frame
+from pipeline.shards import tar_end, tar_members
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tools", "make_shards.py")
@@ -226,7 +230,7 @@ def test_train_shuffled_validation_sorted(built):
     order = lambda ss: [(s["cls"], s["meta"]["path"]) for s in ss]  # noqa: E731
     assert order(samples["validation"]) == sorted(order(samples["validation"]))
     assert order(samples["train"]) != sorted(order(samples["train"]))
-    for split, ss in samples.items():
+    for ss in samples.values():
         assert [int(s["key"][:8]) for s in ss] == list(range(len(ss)))
 
 

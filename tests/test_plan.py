@@ -32,7 +32,7 @@ def test_every_rank_runs_the_same_steps_and_no_sample_twice(lengths, world, work
     steps = train_steps(sum(lengths), world, batch)
     assert steps == sum(lengths) // (world * batch) and steps > 0
     seen = []
-    for rank, plans in train_epoch(lengths, world, workers, batch, epoch=3).items():
+    for plans in train_epoch(lengths, world, workers, batch, epoch=3).values():
         assert sum(p.num_batches for p in plans) == steps
         for p in plans:
             assert p.num_samples == p.num_batches * batch

@@ -1,4 +1,8 @@
-"""Precision: bf16 autocast, fp32 when off, fp16 + GradScaler (real on the CPU since torch 2.3)."""
+"""Precision: bf16 autocast, fp32 when off, fp16 + GradScaler (real on the CPU since torch 2.3).
+
+Every test runs twice, with the CPU's fast-bf16 capability forced off and on (conftest.cpu_bf16),
+so the suite passes the same way on any CPU.
+"""
 import copy
 import importlib.util
 
@@ -8,9 +12,10 @@ from torch import nn
 
 from model.device import Device
 from model.optim import create_optimizer
-from model.precision import Precision, PrecisionError
+from model.precision import Precision, PrecisionError, resolve_precision
 
 CPU = Device("cpu")
+pytestmark = pytest.mark.usefixtures("cpu_bf16")
 
 
 def _has_cpu_grad_scaler() -> bool:
@@ -26,8 +31,12 @@ def _net():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
 
 
-def test_bf16_autocast_on_cpu():
-    p = Precision(CPU, enabled=True)  # CPU supports bf16: the default choice
+def test_bf16_autocast_on_cpu(cpu_bf16, caplog):
+    default = Precision(CPU, enabled=True)  # bf16 is the default choice only where it is fast
+    assert default.dtype is (torch.bfloat16 if cpu_bf16 else torch.float16)
+    p = Precision(CPU, enabled=True, dtype="bfloat16")  # asked for: runs on any CPU
+    slow = [r for r in caplog.records if "no fast bfloat16" in r.getMessage()]
+    assert len(slow) == (0 if cpu_bf16 else 1)  # one warning line where it is emulated
     assert p.dtype is torch.bfloat16 and p.dtype_name == "bfloat16" and p.scaler is None
     net, x = _net(), torch.randn(2, 3, 8, 8)
     with p.autocast():
@@ -101,7 +110,7 @@ def test_bf16_fallback_and_errors(monkeypatch):
         p = Precision(CPU, enabled=True)  # no bf16: float16 with a scaler
         assert p.dtype is torch.float16 and p.scaler is not None
     with pytest.raises(PrecisionError, match="does not support bfloat16"):
-        Precision(CPU, enabled=True, dtype="bfloat16")
+        Precision(Device("cuda"), enabled=True, dtype="bfloat16")  # refused before touching CUDA
     with pytest.raises(PrecisionError, match="unknown AMP dtype"):
         Precision(CPU, enabled=True, dtype="float8")
 
@@ -113,3 +122,13 @@ def test_apex_without_apex_is_a_clear_error():
     assert "\n" not in str(e.value)
     with pytest.raises(PrecisionError, match="needs a CUDA or NPU device"):
         Precision(CPU, enabled=True, apex=True)
+
+
+def test_resolve_precision_picks_by_capability(cpu_bf16):
+    """The one resolution train_stream.py and the benchmark tools share."""
+    auto = resolve_precision(CPU)
+    assert auto.dtype_name == ("bfloat16" if cpu_bf16 else "float32")  # CPU fp16 is slower than fp32
+    assert resolve_precision(CPU, amp=False).dtype_name == "float32"
+    assert resolve_precision(CPU, amp_dtype="bfloat16").dtype_name == "bfloat16"
+    if _has_cpu_grad_scaler():
+        assert resolve_precision(CPU, amp_dtype="float16").dtype_name == "float16"

@@ -10,9 +10,9 @@ from PIL import Image
 
 from model.device import Device
 from pipeline.gpu_decode import JpegBatches, crop_resize_flip, decode_batch
-from pipeline.prefetch import (IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize,
-                               SyntheticBatches)
+from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize
 from pipeline.stream import Memory
+from pipeline.synthetic import SyntheticBatches
 from pipeline.transforms import TrainTransform
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from timm.scheduler import create_scheduler_v2
 
+from common.errors import ConfigError
 from model.schedule import LRSchedule, ScheduleConfig, lr_at, scale_lr, total_epochs, total_steps
 
 CASES = [
@@ -76,16 +77,18 @@ def test_schedule_writes_float_and_tensor_lr_in_place():
         assert opt.param_groups[1]["lr"] == lr_at(n, cfg)
 
 
-def test_state_dict_resumes_at_the_same_lr():
+def test_state_dict_records_the_schedule_and_a_fresh_one_resumes_at_the_same_lr():
+    """Resume rebuilds the schedule from the run's flags; the LR is a pure function of the step."""
     cfg = ScheduleConfig(base_lr=0.3, epochs=5, steps_per_epoch=4, sched="step", decay_epochs=2,
                          warmup_epochs=0)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     a = LRSchedule(opt, cfg)
     a.step(13)
     state = a.state_dict()
+    assert ScheduleConfig(**state["cfg"]) == cfg and state["last_step"] == 13  # recorded in checkpoints
     opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    b = LRSchedule(opt2, ScheduleConfig(base_lr=9.0, epochs=1, steps_per_epoch=1))
-    b.load_state_dict(state)
+    b = LRSchedule(opt2, cfg)  # same flags, fresh object
+    b.step(state["last_step"])
     assert b.cfg == cfg and b.last_step == 13
     assert opt2.param_groups[0]["lr"] == lr_at(13, cfg) == 0.3 * 0.1
 
@@ -94,7 +97,7 @@ def test_scale_lr_and_config_errors():
     assert scale_lr(0.1, 256) == pytest.approx(0.1)
     assert scale_lr(0.1, 8 * 256) == pytest.approx(0.8)
     assert math.isclose(scale_lr(0.1, 64), 0.025)
-    with pytest.raises(ValueError, match="unknown LR schedule"):
+    with pytest.raises(ConfigError, match="unknown LR schedule"):
         ScheduleConfig(base_lr=0.1, epochs=1, steps_per_epoch=1, sched="poly")
-    with pytest.raises(ValueError, match="steps_per_epoch"):
+    with pytest.raises(ConfigError, match="steps_per_epoch"):
         ScheduleConfig(base_lr=0.1, epochs=1, steps_per_epoch=0)

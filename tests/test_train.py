@@ -8,8 +8,10 @@ import sys
 import pytest
 import torch
 
+import engine.cli
 import train_stream
 from model.schedule import ScheduleConfig, lr_at
+from pipeline.stream import STATS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--model", "resnet10t", "--img-size", "32", "-b", "8", "-j", "1", "--log-interval", "1",
@@ -48,6 +50,7 @@ def ddp_runs(demo_shards, tmp_path_factory):
     return base, straight, first, second
 
 
+@pytest.mark.slow
 def test_two_process_run_same_steps_metrics_and_checkpoint(ddp_runs, demo_shards):
     base, straight, _, _ = ddp_runs
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -65,6 +68,7 @@ def test_two_process_run_same_steps_metrics_and_checkpoint(ddp_runs, demo_shards
         assert (base / "straight" / name).is_file()
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_into_plain_timm_model(ddp_runs):
     import timm
     state = torch.load(ddp_runs[0] / "straight" / "last.pth", weights_only=True)
@@ -73,6 +77,7 @@ def test_checkpoint_loads_into_plain_timm_model(ddp_runs):
     assert state["epoch"] == 1 and "optimizer" in state and "rng" in state
 
 
+@pytest.mark.slow
 def test_resume_continues_at_next_epoch_and_matches(ddp_runs):
     base, straight, first, second = ddp_runs
     assert first.returncode == 0 and second.returncode == 0, (first.stderr + second.stderr)[-3000:]
@@ -107,6 +112,7 @@ def test_performance_json_is_the_last_line(demo_shards, capsys):
         assert result["synthetic"] == (extra == ["--synthetic"])
 
 
+@pytest.mark.slow
 def test_training_on_demo_data_lowers_the_loss(demo_shards, tmp_path, capsys):
     code, out, err = run_main(["--data_path", str(demo_shards), "--model", "resnet10t", "--img-size", "32",
                                "-b", "16", "-j", "1", "--epochs", "6", "--warmup-epochs", "1",
@@ -155,12 +161,34 @@ def test_unknown_flag_and_config_file(tmp_path, capsys):
     assert "unknown keys bogus_key" in capsys.readouterr().err
 
 
-def test_unreadable_data_is_a_clear_error_not_a_hang(demo_shards, tmp_path, capsys):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_unreadable_data_is_a_clear_error_not_a_hang(workers, demo_shards, tmp_path, capsys):
+    """Same one line and status whether the loader ran in this process or in workers."""
     import shutil
     root = tmp_path / "wds"
     shutil.copytree(demo_shards, root)
     for shard in root.glob("*-train-*.tar"):
         shard.write_bytes(b"")  # present, so the start-up check passes, but empty
-    code, out, err = run_main(["--data_path", str(root), *SMALL, "-j", "2", "--epochs", "1"], capsys)
+    code, out, err = run_main(["--data_path", str(root), *SMALL, "-j", workers, "--epochs", "1"], capsys)
     assert code == 1 and "data loading failed" in err and "could not read a single sample" in err
-    assert "Traceback" not in err.split("train_stream: error:")[-1]
+    error = err.split("train_stream: error:")[-1]
+    assert "Traceback" not in error and len(error.strip().splitlines()) == 1
+
+
+def test_synthetic_training_runs_through_fit(tmp_path, capsys):
+    """The loader contract through the training loop: synthetic batches report every counter."""
+    code, out, err = run_main(["--synthetic", *SMALL, "--epochs", "1", "--warmup-epochs", "0",
+                               "--log-interval", "50", "--output", str(tmp_path)], capsys)
+    assert code == 0, err
+    epoch = [r for r in read_metrics(tmp_path) if r["kind"] == "epoch"]
+    assert len(epoch) == 1 and set(STATS) <= set(epoch[0])
+    assert epoch[0]["samples"] == epoch[0]["steps_max"] * 8 == 100 * 8
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only user errors become one line; anything else is a bug and must stay visible."""
+    def broken(args, d):
+        raise ValueError("a bug, not a user error")
+    monkeypatch.setattr(engine.cli, "make_data", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        train_stream.main([*SMALL, "--synthetic", "--device", "cpu"])

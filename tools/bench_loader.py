@@ -10,7 +10,7 @@ batches. `--vs-timm` also runs timm's `create_loader` (same shards, same RandomR
 no colour jitter, uint8 fast_collate output, no normalisation) for a side-by-side ratio.
 `--epochs E` runs E short epochs and reports the workers' resident memory after each one.
 `--rounds R` repeats everything R times, alternating, and reports medians (this machine's
-one-core rate drifts by 10% between runs). The last stdout line is a JSON object.
+one-core rate drifts between runs). The last stdout line is a JSON object.
 """
 from __future__ import annotations
 
@@ -26,15 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from pipeline.info import DataError, check_local_shards, load_info  # noqa: E402
+from common.errors import DataError  # noqa: E402
+from common.host import usable_cores as cores  # noqa: E402
+from pipeline.info import check_local_shards, load_info  # noqa: E402
 from pipeline.loader import create_loader  # noqa: E402
 from pipeline.shards import iter_samples, open_shard  # noqa: E402
 from pipeline.stream import image_and_label  # noqa: E402
 from pipeline.transforms import TrainTransform  # noqa: E402
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def sample_bytes(split, n: int):

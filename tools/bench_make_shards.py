@@ -24,8 +24,9 @@ import time
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.make_demo_data import make_demo_data  # noqa: E402
-from tools.make_shards import jpeg_frame, tar_members  # noqa: E402
+from dataprep.demo import make_demo_data  # noqa: E402
+from pipeline.jpeg import jpeg_frame  # noqa: E402
+from pipeline.shards import tar_members  # noqa: E402
 
 CLASSES = 20
 # Runs make_shards' main in a child and reports its peak RSS and that of its largest worker. The parent
@@ -34,8 +35,8 @@ CLASSES = 20
 RUN_WITH_RSS = """
 import json, resource, sys
 sys.path.insert(0, sys.argv[1])
-from tools.make_shards import main
-rc = main(sys.argv[2:])
+from dataprep.cli import make_shards_main
+rc = make_shards_main(sys.argv[2:])
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
 print(json.dumps({"rc": rc, "parent_kb": int(hwm.split()[1]),
                   "worker_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
@@ -115,7 +116,7 @@ def check_costs(root, count=300):
             f.read()
 
     def header(d):
-        Image.open(io.BytesIO(d)).size
+        return Image.open(io.BytesIO(d)).size
 
     def draft(d):
         with Image.open(io.BytesIO(d)) as im:

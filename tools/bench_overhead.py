@@ -26,10 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import train_stream  # noqa: E402
+from engine.cli import main as train_stream_main  # noqa: E402
 from model.device import resolve_device  # noqa: E402
 from model.factory import create_model  # noqa: E402
-from model.precision import Precision  # noqa: E402
+from model.precision import resolve_precision  # noqa: E402
 
 
 def bare_loop(args, device) -> float:
@@ -37,7 +37,7 @@ def bare_loop(args, device) -> float:
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=1000, channels_last=True, device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, fused=True)
-    precision = Precision(device, enabled=True)
+    precision = resolve_precision(device)  # train_stream's own choice for this device
     crit = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device.torch)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -65,7 +65,7 @@ def ours(args) -> float:
             "-b", str(args.batch_size), "--perf-steps", str(args.steps), "--perf-warmup", str(args.warmup),
             "--device", args.device]
     with contextlib.redirect_stdout(out):
-        code = train_stream.main(argv)
+        code = train_stream_main(argv)
     if code != 0:
         raise SystemExit(f"train_stream.py failed with exit code {code}")
     return json.loads(out.getvalue().strip().splitlines()[-1])["fps"]

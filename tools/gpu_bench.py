@@ -29,7 +29,7 @@ import time
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
-from tools.bench_loader import cores  # noqa: E402  (the cores this process may use)
+from common.host import usable_cores  # noqa: E402
 
 
 def environment() -> dict:
@@ -65,8 +65,8 @@ def run_json(cmd, timeout: float) -> dict:
 
 
 def make_data(root: str, images: int, size, workers: int) -> str:
-    from tools.make_demo_data import make_demo_data
-    from tools.make_shards import make_shards
+    from dataprep import make_shards
+    from dataprep.demo import make_demo_data
     src, out = os.path.join(root, "bench"), os.path.join(root, "bench-wds")
     if not os.path.isfile(os.path.join(out, "_info.json")):
         per_class = max(2, images // 10)
@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=15, help="untimed steps before each measurement")
     p.add_argument("-j", "--workers", type=int, default=None, help="loader workers (default: all cores - 1)")
-    p.add_argument("--amp-dtype", default="bfloat16")
+    p.add_argument("--amp-dtype", default=None, choices=("bfloat16", "float16"),
+                   help="default: train_stream.py's own choice for the device")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
     p.add_argument("--cudagraphs", action="store_true", help="also measure compile mode reduce-overhead")
     p.add_argument("--stage-timeout", type=float, default=300)
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
         args.images, args.model, args.batch_size, args.img_size = 120, "resnet10t", 8, 32
         args.steps, args.warmup, args.no_compile = 2, 1, True
     cuda = torch.cuda.is_available()
-    workers = args.workers or max(1, cores() - 1)
+    workers = args.workers or max(1, usable_cores() - 1)
     env = environment()
     print(f"gpu_bench: {env['device']}, driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']}, "
           f"{env['cpus']} CPUs", flush=True)
@@ -114,7 +115,9 @@ def main(argv=None) -> int:
 
     perf = ["train_stream.py", "--performance", "--model", args.model, "-b", str(args.batch_size),
             "--img-size", str(args.img_size), "--perf-steps", str(args.steps),
-            "--perf-warmup", str(args.warmup), "--amp-dtype", args.amp_dtype, "--device", "cuda" if cuda else "cpu"]
+            "--perf-warmup", str(args.warmup), "--device", "cuda" if cuda else "cpu"]
+    if args.amp_dtype:
+        perf += ["--amp-dtype", args.amp_dtype]
     modes = {"eager": []}
     if not args.no_compile:
         modes["compile"] = ["--torchcompile"]

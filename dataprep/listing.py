@@ -1,0 +1,76 @@
+"""What an ImageFolder holds: class folders and image files per split, in a fixed order."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+from common.errors import ShardError
+
+SPLITS = (("train", "train"), ("val", "validation"))  # (source folder, split name)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
+
+
+def _hidden(name):
+    return name.startswith(".")
+
+
+def _list_split(src, folder):
+    """Class folder names, [(relpath, size)] per class (sorted) and the ignored count of one split."""
+    split_dir = os.path.join(src, folder)
+    classes, ignored = {}, 0
+    for entry in os.scandir(split_dir):
+        if _hidden(entry.name) or not entry.is_dir():
+            ignored += 1
+            continue
+        files = []
+        for dirpath, dirnames, filenames in os.walk(entry.path, followlinks=True):
+            ignored += sum(map(_hidden, dirnames))
+            dirnames[:] = [d for d in dirnames if not _hidden(d)]
+            for f in filenames:
+                if _hidden(f) or not f.lower().endswith(IMG_EXTENSIONS):
+                    ignored += 1
+                    continue
+                path = os.path.join(dirpath, f)
+                try:
+                    size = os.stat(path).st_size
+                except OSError:
+                    size = -1  # a broken link: the scan skips it with the reason
+                files.append((folder + path[len(split_dir):], size))  # os.path.relpath is far slower
+        classes[entry.name] = sorted(files)
+    return classes, ignored
+
+
+def list_source(src):
+    """What SRC holds: class names and, per split, its files, ignored count and empty classes.
+
+    Also returns a digest of every listed path and size, part of the settings fingerprint.
+    """
+    if not os.path.isdir(src):
+        raise ShardError(f"source folder {src} does not exist" if not os.path.exists(src)
+                         else f"source {src} is not a folder")
+    found = [(folder, split) for folder, split in SPLITS if os.path.isdir(os.path.join(src, folder))]
+    if not found:
+        raise ShardError(f"{src} has neither a train/ nor a val/ folder")
+    listed = {split: _list_split(src, folder) for folder, split in found}
+    classes = sorted(listed["train"][0] if "train" in listed else listed["validation"][0])
+    if "train" in listed and "validation" in listed:
+        extra = sorted(set(listed["validation"][0]) - set(classes))
+        if extra:
+            raise ShardError(f"val class {extra[0]!r} has no train/ folder ({len(extra)} such), "
+                             "so class indices would not match")
+    index = {name: i for i, name in enumerate(classes)}
+    digest = hashlib.sha256()
+    splits = {}
+    for split, (by_class, ignored) in listed.items():
+        files, empty = [], []
+        for name in sorted(by_class):
+            if not by_class[name]:
+                empty.append(f"{split}/{name}")
+            for rel, size in by_class[name]:
+                files.append((rel, index[name]))
+                digest.update(f"{rel}\t{size}\n".encode("utf-8", "surrogateescape"))
+        digest.update(f"{split} ignored {ignored}\n".encode())
+        splits[split] = {"files": files, "ignored": ignored, "empty": empty}
+    if not any(s["files"] for s in splits.values()):
+        raise ShardError(f"no image files found in {src} ({', '.join(f for f, _ in found)})")
+    return {"classes": classes, "splits": splits, "digest": digest.hexdigest()}

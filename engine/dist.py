@@ -1,0 +1,57 @@
+"""torchrun's environment (any number of nodes) or a single process, as one small object."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from model.device import Device, resolve_device
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    device: Device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def say(self, msg: str) -> None:
+        """Print on rank 0 only."""
+        if self.main:
+            print(msg, flush=True)
+
+    def all_reduce(self, values: list[float], op=None) -> list[float]:
+        """Sum (or `op`) a few numbers over all ranks; one small collective, one host sync."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device.torch)
+        if self.world > 1:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_distributed(device: str = "auto", device_id: int = 0, local_rank: int | None = None) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", local_rank if local_rank is not None else 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    dev = resolve_device(device, local if world > 1 else device_id)
+    dev.set_current()
+    if world > 1:
+        kwargs = {"device_id": dev.torch} if dev.type == "cuda" else {}
+        dist.init_process_group(dev.dist_backend, **kwargs)
+    return Dist(rank, world, local, local_world, dev)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,219 @@
+"""The Trainer: owns the model, optimizer, precision, schedule, checkpoints and metrics of a run,
+and its loops: `fit()` (train + validate every epoch) and `benchmark()` (--performance)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from common.errors import DataLoadingError
+from model.checkpoint import CheckpointSaver, resume
+from model.factory import create_model
+from model.optim import create_optimizer
+from model.precision import resolve_precision
+from model.schedule import DEFAULT_BASE_LR_PER_256, LRSchedule, ScheduleConfig, scale_lr, total_epochs
+from pipeline.stream import STATS
+
+from .data import Data
+from .dist import Dist
+from .metrics import Metrics
+
+
+class Trainer:
+    def __init__(self, args, d: Dist, data: Data):
+        self.args, self.d, self.dev, self.data = args, d, d.device, data
+        self.steps_per_epoch = len(data.train)
+        torch.manual_seed(args.seed)
+        self.model = create_model(args.model, num_classes=data.num_classes, zero_init_last=args.zero_init_last,
+                                  channels_last=args.channels_last, device=self.dev)
+        self.lr = args.lr if args.lr is not None else scale_lr(DEFAULT_BASE_LR_PER_256, args.batch_size * d.world)
+        self.optimizer, opt_desc = create_optimizer(self.model, self.lr, args.momentum, args.weight_decay,
+                                                    args.nesterov, self.dev, apex=args.apex_amp)
+        self.precision = resolve_precision(self.dev, args.amp, args.amp_dtype, args.apex_amp)
+        self.model, self.optimizer = self.precision.prepare(self.model, self.optimizer)
+        self.sched_cfg = ScheduleConfig(self.lr, args.epochs, self.steps_per_epoch, sched=args.sched,
+                                        warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
+                                        min_lr=args.min_lr, decay_epochs=args.decay_epochs,
+                                        decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs)
+        self.schedule = LRSchedule(self.optimizer, self.sched_cfg)
+        self.start_epoch, best = 0, None
+        if args.resume:
+            # The schedule is not restored: the LR is a pure function of (step, schedule), and
+            # this run's flags and world size decide it, so a resume on another number of
+            # devices keeps the right curve.
+            state = resume(args.resume, self.model, self.optimizer, self.precision, self.dev,
+                           restore_rng=d.main)
+            self.start_epoch, best = state["epoch"], state["best_metric"]
+        self.saver = CheckpointSaver(args.output, self.dev, best) if args.output and d.main else None
+        self.plain = self.model  # for eval and checkpoints: no DDP, no compile
+        if d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.dev.index] if self.dev.is_accelerator else None
+            self.model = DDP(self.model, device_ids=ids, gradient_as_bucket_view=True)
+        if args.torchcompile:
+            self.model = torch.compile(self.model, backend=args.torchcompile, mode=args.compile_mode)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+        self.metrics = Metrics(args.output, d.main, append=bool(args.resume))
+        self._record_config()
+        d.say(f"model {args.model} ({sum(p.numel() for p in self.plain.parameters()):,} params), "
+              f"{'channels-last' if args.channels_last else 'NCHW'}, "
+              f"{'compiled (' + args.torchcompile + ')' if args.torchcompile else 'eager'}")
+        d.say(f"optimizer: {opt_desc}; LR {self.lr:g} for global batch {args.batch_size * d.world}")
+        d.say(f"precision: {self.precision.describe()}")
+
+    def _record_config(self) -> None:
+        args = self.args
+        if args.output and self.d.main:
+            os.makedirs(args.output, exist_ok=True)
+            with open(os.path.join(args.output, "config.json"), "w") as f:
+                json.dump(vars(args), f, indent=2, default=str)
+        self.metrics.write(kind="config", **{k: v for k, v in vars(args).items()
+                                             if isinstance(v, (int, float, str, bool, type(None)))})
+
+    # ------------------------------------------------------------------ one step
+    def step(self, images, labels, global_step: int) -> torch.Tensor:
+        """One optimizer update; returns the loss as a device tensor (no host sync)."""
+        self.schedule.step(global_step)
+        with self.precision.autocast():
+            loss = self.criterion(self.model(images), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss, self.optimizer)
+        self.precision.step(self.optimizer)
+        return loss.detach()
+
+    # ------------------------------------------------------------------ fit
+    def fit(self) -> dict:
+        """Train from start_epoch to the end (or --stop-after epochs); returns a short summary."""
+        args, d = self.args, self.d
+        epochs = total_epochs(self.sched_cfg)
+        stop = epochs if args.stop_after is None else min(epochs, self.start_epoch + args.stop_after)
+        result = None
+        for epoch in range(self.start_epoch, stop):
+            done = self.train_epoch(epoch, epochs)
+            fewest, most = (d.all_reduce([done], op)[0] for op in (dist.ReduceOp.MIN, dist.ReduceOp.MAX))
+            result = self.validate(epoch)
+            stats = self.data_stats()
+            self.metrics.write(kind="epoch", epoch=epoch, steps_min=int(fewest), steps_max=int(most), **stats)
+            self.save(epoch, result)
+        best = self.saver.best_metric if self.saver else None
+        return {"epochs_done": stop - self.start_epoch, "last": result, "best_top1": best}
+
+    def train_epoch(self, epoch: int, epochs: int) -> int:
+        """One epoch of exactly steps_per_epoch steps; returns the steps the loader gave."""
+        args, d, steps = self.args, self.d, self.steps_per_epoch
+        self.data.train.set_epoch(epoch)
+        it = iter(self.data.feed(self.data.train))
+        loss_sum = torch.zeros((), device=self.dev.torch)
+        window_start, wait, n_window = time.perf_counter(), 0.0, 0
+        for i in range(steps):
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            if batch is None:
+                raise DataLoadingError(f"rank {d.rank}: the loader ended after {i} of {steps} steps")
+            images, labels = batch
+            wait += time.perf_counter() - t0
+            global_step = epoch * steps + i
+            loss_sum += self.step(images, labels, global_step)
+            n_window += 1
+            if (i + 1) % args.log_interval == 0 or i + 1 == steps:
+                loss = d.all_reduce([loss_sum.item() / n_window])[0] / d.world  # the only host sync
+                elapsed = time.perf_counter() - window_start
+                img_s = n_window * args.batch_size * d.world / elapsed
+                eta = ((epochs - epoch) * steps - i - 1) * elapsed / n_window
+                d.say(f"epoch {epoch} step {i + 1}/{steps}  loss {loss:.4f}  lr {self.schedule.last_lr:.4g}  "
+                      f"{img_s:,.0f} img/s  data wait {wait / elapsed:.1%}  eta {eta / 60:.1f} min")
+                self.metrics.write(kind="train", epoch=epoch, step=global_step + 1, loss=loss,
+                                   lr=self.schedule.last_lr, img_per_s=img_s, data_wait=wait / elapsed,
+                                   time=time.time())
+                loss_sum.zero_()
+                window_start, wait, n_window = time.perf_counter(), 0.0, 0
+        extra = sum(1 for _ in it)  # 0 by construction; drains the prefetcher cleanly
+        return steps + extra
+
+    @torch.no_grad()
+    def validate(self, epoch: int) -> dict | None:
+        """Top-1/top-5 over every validation sample exactly once, summed across ranks."""
+        if self.data.val is None:
+            return None
+        self.data.val.set_epoch(epoch)
+        self.plain.eval()
+        n, sums = 0, torch.zeros(3, dtype=torch.float64, device=self.dev.torch)  # loss, top1, top5
+        for images, labels in self.data.val_feed(self.data.val):
+            with self.precision.autocast():
+                logits = self.plain(images)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+            hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+            sums += torch.stack([loss, hit[:, 0].sum(), hit.any(1).sum()]).double()
+            n += len(labels)
+        self.plain.train()
+        n, loss, top1, top5 = self.d.all_reduce([n] + sums.tolist())
+        result = {"n": int(n), "loss": loss / max(n, 1), "top1": 100 * top1 / max(n, 1),
+                  "top5": 100 * top5 / max(n, 1)}
+        self.d.say(f"epoch {epoch} validation: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+                   f"loss {result['loss']:.4f}  ({result['n']} images)")
+        self.metrics.write(kind="val", epoch=epoch, step=(epoch + 1) * self.steps_per_epoch,
+                           top1=result["top1"], top5=result["top5"], loss=result["loss"], time=time.time())
+        return result
+
+    def data_stats(self) -> dict:
+        """The loader's counters summed over ranks; data problems are reported once per epoch."""
+        stats = dict(zip(STATS, map(int, self.d.all_reduce([self.data.train.stats()[k] for k in STATS]))))
+        if stats["skipped"] or stats["shard_errors"]:
+            self.d.say(f"data problems so far (all ranks): {stats['skipped']} samples skipped, "
+                       f"{stats['shard_errors']} damaged/unreadable shard reads, {stats['padded']} padded")
+        return stats
+
+    def save(self, epoch: int, result: dict | None) -> None:
+        if not self.saver:
+            return
+        best = self.saver.save(epoch, self.plain, self.optimizer, self.precision, self.schedule,
+                               vars(self.args), metric=result and result["top1"])
+        self.d.say(f"checkpoint: {self.saver.last_path}{' (new best)' if best else ''}")
+
+    # ------------------------------------------------------------------ benchmark
+    def benchmark(self) -> dict:
+        """--performance: warm-up steps untimed, then --perf-steps steps timed between two device
+        synchronisations; returns the JSON-ready result."""
+        args, d, loader = self.args, self.d, self.data.train
+
+        def batches():
+            epoch = 0
+            while True:
+                loader.set_epoch(epoch)
+                yield from self.data.feed(loader)
+                epoch += 1
+
+        it, step, wait = batches(), 0, 0.0
+        for _ in range(args.perf_warmup):
+            images, labels = next(it)
+            self.step(images, labels, step)
+            step += 1
+        self.dev.synchronize()
+        d.barrier()
+        start = time.perf_counter()
+        for _ in range(args.perf_steps):
+            t0 = time.perf_counter()
+            images, labels = next(it)
+            wait += time.perf_counter() - t0
+            last = self.step(images, labels, step)
+            step += 1
+        self.dev.synchronize()
+        elapsed = time.perf_counter() - start
+        elapsed, wait = d.all_reduce([elapsed, wait], dist.ReduceOp.MAX)
+        images_done = args.perf_steps * args.batch_size * d.world
+        return {
+            "fps": round(images_done / elapsed, 2),
+            "fps_per_device": round(images_done / elapsed / d.world, 2),
+            "steps": args.perf_steps, "warmup_steps": args.perf_warmup, "batch_size": args.batch_size,
+            "world_size": d.world, "device": self.dev.name(), "amp_dtype": self.precision.dtype_name,
+            "data_wait_fraction": round(wait / elapsed, 4), "synthetic": bool(args.synthetic),
+            "data": "synthetic" if args.synthetic else f"shards, decode {args.decode}",
+            "model": args.model, "img_size": args.img_size, "channels_last": args.channels_last,
+            "compile": args.torchcompile, "compile_mode": args.compile_mode, "seconds": round(elapsed, 3),
+            "final_loss": round(float(last), 4),
+            "peak_mem_gb": round(self.dev.max_memory_allocated() / 2**30, 3),
+            "torch": torch.__version__,
+        }
