@@ -9,7 +9,7 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from model.device import Device
-from model.optim import OptimizerError, create_optimizer, param_groups
+from model.optim import OPTIMIZERS, OptimizerError, create_optimizer, param_groups
 from model.schedule import LRSchedule, ScheduleConfig
 
 CPU = Device("cpu")
@@ -40,6 +40,24 @@ def test_no_weight_decay_on_bn_and_bias(resnet):
     assert [g["weight_decay"] for g in param_groups(resnet, 0.0)] == [0.0]
 
 
+@pytest.mark.parametrize("name", ["sgd", "momentum"])
+def test_groups_and_nesterov_equal_timm_create_optimizer_v2(resnet, name):
+    """--opt sgd is timm's Nesterov SGD, --opt momentum its classical one; same groups, same order."""
+    from timm.optim import create_optimizer_v2
+    ref = create_optimizer_v2(resnet, name, lr=1.6, weight_decay=1e-4, momentum=0.9)
+    ours, desc = create_optimizer(resnet, lr=1.6, momentum=0.9, weight_decay=1e-4,
+                                  nesterov=OPTIMIZERS[name], device=CPU)
+    assert type(ours) is type(ref) is torch.optim.SGD
+    assert len(ours.param_groups) == len(ref.param_groups) == 2
+    for g, r in zip(ours.param_groups, ref.param_groups):
+        assert [id(p) for p in g["params"]] == [id(p) for p in r["params"]]
+        for key in ("weight_decay", "nesterov", "momentum", "dampening"):
+            assert g[key] == r[key], key
+        assert float(g["lr"]) == pytest.approx(r["lr"], rel=1e-7)  # ours: a float32 device tensor
+    assert ours.param_groups[0]["nesterov"] is (name == "sgd")
+    assert ("nesterov" in desc) is (name == "sgd")
+
+
 def test_fused_sgd_with_tensor_lr_on_cpu(resnet):
     opt, desc = create_optimizer(resnet, lr=0.1, device=CPU)
     if TORCH >= (2, 4):  # fused SGD has a CPU kernel (with tensor LR) since torch 2.4
@@ -60,7 +78,7 @@ def test_only_decayed_params_move_with_zero_grads():
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.uniform_(m.bias, -0.5, 0.5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt, _ = create_optimizer(model, lr=0.5, momentum=0.0, weight_decay=0.1, device=CPU)
+    opt, _ = create_optimizer(model, lr=0.5, momentum=0.0, weight_decay=0.1, nesterov=False, device=CPU)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
