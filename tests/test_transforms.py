@@ -193,7 +193,7 @@ def test_random_interpolation_draws_box_then_mode_then_flip_like_timm():
         modes.append(mode)
         out, ref = (torch.empty((64, 64, 3), dtype=torch.uint8) for _ in range(2))
         tf(data, out, random.Random(seed))
-        T.resize_into(*T.decode(data, lambda *_: box, (64, 64)), ref, flip, mode)
+        T.resize_into(*T.decode(data, lambda *_, b=box: b, (64, 64)), ref, flip, mode)
         assert torch.equal(out, ref)
     assert set(modes) == {"bilinear", "bicubic"}
     with pytest.raises(ValueError, match="unknown interpolation"):
