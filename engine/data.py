@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 from common.errors import ConfigError, DataError
 from common.host import default_workers
+from pipeline.augment import ColorJitter, DeviceAugment, Mixup, RandomErasing
 from pipeline.info import check_local_shards, load_info
 from pipeline.loader import BatchLoader, create_loader
 from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize
 from pipeline.synthetic import SyntheticBatches
 
-from .config import DEMO, build_parser
+from .config import DEMO, build_parser, mixup_active
 from .dist import Dist
 
 
@@ -20,8 +21,9 @@ class Data:
     train: BatchLoader
     val: BatchLoader | None
     num_classes: int
-    feed: DevicePrefetcher  # train batches -> normalised device tensors
+    feed: DevicePrefetcher  # train batches -> normalised (augmented) device tensors
     val_feed: DevicePrefetcher
+    augment: DeviceAugment | None = None  # the feed's device-side augmentation (set_epoch each epoch)
 
 
 def prepare_demo(args, d: Dist) -> None:
@@ -40,7 +42,30 @@ def prepare_demo(args, d: Dist) -> None:
     d.barrier()
     args.data_path = shards
     d.say(f"demo: {args.img_size} px, batch {args.batch_size}, {args.epochs} epochs, LR {args.lr} "
-          f"(pass --data_path for real data)")
+          f"per update (pass --data_path for real data)")
+
+
+def resolve_num_classes(args, info) -> int:
+    """The head's class count: --num-classes, checked against _info.json's class list."""
+    known = info.num_classes if info else 0
+    if args.num_classes is None:
+        return known if known > 0 else 1000
+    if known > 0 and args.num_classes != known:
+        raise ConfigError(f"--num-classes {args.num_classes} does not match the {known} classes of "
+                          f"{args.data_path}/_info.json (leave it out to use them)")
+    return args.num_classes
+
+
+def make_augment(args, d: Dist, num_classes: int) -> DeviceAugment | None:
+    """Colour jitter (not with --aa, as timm), mixup/cutmix and random erasing, on the device."""
+    jitter = ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter) \
+        if args.color_jitter > 0 and not args.aa else None
+    mixup = Mixup(args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob, args.mixup_switch_prob,
+                  label_smoothing=args.smoothing, num_classes=num_classes) if mixup_active(args) else None
+    erasing = RandomErasing(args.reprob, args.remode, max_count=args.recount) if args.reprob > 0 else None
+    augment = DeviceAugment(d.device.torch, seed=args.seed, rank=d.rank, jitter=jitter, mixup=mixup,
+                            erasing=erasing, mixup_off_epoch=args.mixup_off_epoch)
+    return augment if augment.active else None
 
 
 def make_data(args, d: Dist) -> Data:
@@ -49,22 +74,23 @@ def make_data(args, d: Dist) -> Data:
         raise ConfigError(f"--decode gpu needs a CUDA device (nvJPEG); this run is on {dev.type}")
     if args.data_path is None and not args.synthetic:
         prepare_demo(args, d)
+    info = load_info(args.data_path) if args.data_path else None
+    if info is not None and not args.synthetic and info.num_classes < 1 and args.num_classes is None:
+        raise DataError(f"{args.data_path}: _info.json has no class list or num_classes (or pass --num-classes)")
+    num_classes = resolve_num_classes(args, info)
     normalize = Normalize(dev.torch, IMAGENET_MEAN, IMAGENET_STD, channels_last=args.channels_last)
-    feed = val_feed = DevicePrefetcher(dev, normalize)
+    augment = make_augment(args, d, num_classes)
+    to_train = to_val = None
     if args.decode == "gpu":
         from pipeline.gpu_decode import make_to_device
-        feed = DevicePrefetcher(dev, normalize, make_to_device(args.train_interpolation))
-        val_feed = DevicePrefetcher(dev, normalize, make_to_device(args.interpolation))
-
-    info = load_info(args.data_path) if args.data_path else None
-    num_classes = info.num_classes if info else 1000
+        to_train, to_val = make_to_device(), make_to_device()
+    feed = DevicePrefetcher(dev, normalize, to_train, augment)
+    val_feed = DevicePrefetcher(dev, normalize, to_val)
     if args.synthetic:
         steps = args.perf_steps + args.perf_warmup if args.performance else 100
         train = SyntheticBatches(dev.torch, batch_size=args.batch_size, img_size=args.img_size,
                                  num_classes=num_classes, steps=steps, seed=args.seed)
-        return Data(train, None, num_classes, feed, val_feed)
-    if num_classes < 1:
-        raise DataError(f"{args.data_path}: _info.json has no class list or num_classes")
+        return Data(train, None, num_classes, feed, val_feed, augment)
     split = info.split("train")
     check_local_shards(split)
     workers = args.workers if args.workers is not None else default_workers(d.local_world)
@@ -74,7 +100,7 @@ def make_data(args, d: Dist) -> Data:
                   prefetch_factor=args.prefetch_factor, persistent=args.use_multi_epochs_loader,
                   reuse_buffers=True)  # DevicePrefetcher copies each batch before the next
     train = create_loader(split, train=True, shuffle_buffer=args.shuffle_buffer,
-                          train_interpolation=args.train_interpolation, **common)
+                          train_interpolation=args.train_interpolation, auto_augment=args.aa, **common)
     if len(train) < 1:
         raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
                         f"({args.batch_size} x {d.world} processes); lower -b")
@@ -83,7 +109,10 @@ def make_data(args, d: Dist) -> Data:
     if has_val and not (args.no_val or args.performance):
         vsplit = info.split("validation")
         check_local_shards(vsplit)
+        common["batch_size"] = args.validation_batch_size or args.batch_size
         val = create_loader(vsplit, train=False, eval_interpolation=args.interpolation, **common)
     d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
           f"{len(train)} steps/epoch/rank, {workers} workers/rank, decode {args.decode}")
-    return Data(train, val, num_classes, feed, val_feed)
+    d.say(f"augmentation: crop {args.train_interpolation}{', ' + args.aa if args.aa else ''}"
+          f"{'; on the device: ' + augment.describe() if augment else ''}")
+    return Data(train, val, num_classes, feed, val_feed, augment)

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from common.errors import ConfigError
 from model.device import Device, resolve_device
+
+DIST_BN = ("reduce", "broadcast", "")  # timm's --dist-bn choices
 
 
 @dataclass
@@ -50,6 +53,26 @@ def setup_distributed(device: str = "auto", device_id: int = 0, local_rank: int 
         kwargs = {"device_id": dev.torch} if dev.type == "cuda" else {}
         dist.init_process_group(dev.dist_backend, **kwargs)
     return Dist(rank, world, local, local_world, dev)
+
+
+def sync_batchnorm(model, d: Dist):
+    """--sync-bn: torch's SyncBatchNorm in place of every BatchNorm (only with several processes,
+    as timm); call before building the optimizer and wrapping in DDP."""
+    if d.world < 2:
+        return model
+    if d.device.type == "cpu":
+        raise ConfigError("--sync-bn needs an accelerator: torch's SyncBatchNorm does not run on the CPU")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def distribute_bn(model, d: Dist, mode: str) -> None:
+    """--dist-bn (timm's utils.distribute_bn): make every rank's BN running statistics the
+    average over ranks ("reduce") or rank 0's ("broadcast"); "" leaves them per rank."""
+    if mode not in DIST_BN:
+        raise ConfigError(f"unknown --dist-bn {mode!r}: choose reduce, broadcast or ''")
+    if d.world > 1 and mode:
+        from timm.utils import distribute_bn as timm_distribute_bn
+        timm_distribute_bn(model, d.world, reduce=mode == "reduce")
 
 
 def shutdown() -> None:

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from common.errors import DataLoadingError
 from model.checkpoint import CheckpointSaver, resume
 from model.factory import create_model
-from model.optim import create_optimizer
+from model.optim import OPTIMIZERS, create_optimizer
 from model.precision import resolve_precision
-from model.schedule import DEFAULT_BASE_LR_PER_256, LRSchedule, ScheduleConfig, scale_lr, total_epochs
+from model.schedule import LRSchedule, ScheduleConfig, scale_lr, total_epochs
 from pipeline.stream import STATS
 
+from .config import mixup_active
 from .data import Data
-from .dist import Dist
+from .dist import Dist, distribute_bn, sync_batchnorm
 from .metrics import Metrics
 
 
@@ -26,26 +29,43 @@ class Trainer:
     def __init__(self, args, d: Dist, data: Data):
         self.args, self.d, self.dev, self.data = args, d, d.device, data
         self.steps_per_epoch = len(data.train)
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # the same initial weights on every rank
+        extra = {} if args.drop_path is None else {"drop_path_rate": args.drop_path}
         self.model = create_model(args.model, num_classes=data.num_classes, zero_init_last=args.zero_init_last,
-                                  channels_last=args.channels_last, device=self.dev)
-        self.lr = args.lr if args.lr is not None else scale_lr(DEFAULT_BASE_LR_PER_256, args.batch_size * d.world)
+                                  channels_last=args.channels_last, device=self.dev, pretrained=args.pretrained,
+                                  pretrained_path=args.pretrained_path,
+                                  checkpoint_path=args.initial_checkpoint or None, **extra)
+        seed_everything(args.seed + d.rank)  # as timm's random_seed(seed, rank): drop path differs per rank
+        self.dist_bn = args.dist_bn
+        if args.sync_bn:
+            self.model = sync_batchnorm(self.model, d)
+            self.dist_bn = ""  # as timm: synchronised BN needs no statistics averaging
+        global_batch = args.batch_size * d.world
+        self.lr = args.lr if args.lr is not None else \
+            scale_lr(args.lr_base, global_batch, args.lr_base_size, args.lr_base_scale or "linear")
         self.optimizer, opt_desc = create_optimizer(self.model, self.lr, args.momentum, args.weight_decay,
-                                                    args.nesterov, self.dev, apex=args.apex_amp)
+                                                    OPTIMIZERS[args.opt], self.dev, apex=args.apex_amp)
         self.precision = resolve_precision(self.dev, args.amp, args.amp_dtype, args.apex_amp)
         self.model, self.optimizer = self.precision.prepare(self.model, self.optimizer)
         self.sched_cfg = ScheduleConfig(self.lr, args.epochs, self.steps_per_epoch, sched=args.sched,
                                         warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
                                         min_lr=args.min_lr, decay_epochs=args.decay_epochs,
-                                        decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs)
+                                        decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs,
+                                        on_updates=args.sched_on_updates)
         self.schedule = LRSchedule(self.optimizer, self.sched_cfg)
+        self.ema = None
+        if args.model_ema:
+            from timm.utils import ModelEmaV3
+            # float32 EMA even when Apex O2 made the model float16 (a 2e-4 step vanishes in fp16)
+            self.ema = ModelEmaV3(self.model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                                  dtype=torch.float32 if self.precision.mode == "apex" else None)
         self.start_epoch, best = 0, None
         if args.resume:
             # The schedule is not restored: the LR is a pure function of (step, schedule), and
             # this run's flags and world size decide it, so a resume on another number of
             # devices keeps the right curve.
             state = resume(args.resume, self.model, self.optimizer, self.precision, self.dev,
-                           restore_rng=d.main)
+                           restore_rng=d.main, ema=self.ema)
             self.start_epoch, best = state["epoch"], state["best_metric"]
         self.saver = CheckpointSaver(args.output, self.dev, best) if args.output and d.main else None
         self.plain = self.model  # for eval and checkpoints: no DDP, no compile
@@ -55,13 +75,26 @@ class Trainer:
             self.model = DDP(self.model, device_ids=ids, gradient_as_bucket_view=True)
         if args.torchcompile:
             self.model = torch.compile(self.model, backend=args.torchcompile, mode=args.compile_mode)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+        if mixup_active(args):  # as timm: smoothing is inside the mixed targets
+            from timm.loss import SoftTargetCrossEntropy
+            self.criterion = SoftTargetCrossEntropy()
+        else:
+            self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+        self.clip_params = None
+        if args.clip_grad is not None:
+            from timm.models import model_parameters
+            params = model_parameters(self.plain, exclude_head=args.clip_mode == "agc")  # timm's head rule
+            self.clip_params = self.precision.master_params(self.optimizer, self.plain) \
+                if self.precision.mode == "apex" else list(params)
         self.metrics = Metrics(args.output, d.main, append=bool(args.resume))
         self._record_config()
         d.say(f"model {args.model} ({sum(p.numel() for p in self.plain.parameters()):,} params), "
               f"{'channels-last' if args.channels_last else 'NCHW'}, "
-              f"{'compiled (' + args.torchcompile + ')' if args.torchcompile else 'eager'}")
-        d.say(f"optimizer: {opt_desc}; LR {self.lr:g} for global batch {args.batch_size * d.world}")
+              f"{'compiled (' + args.torchcompile + ')' if args.torchcompile else 'eager'}"
+              f"{', pretrained' if args.pretrained or args.pretrained_path else ''}"
+              f"{', EMA %g' % args.model_ema_decay if self.ema else ''}")
+        d.say(f"optimizer: {opt_desc}; LR {self.lr:g} for global batch {global_batch}, "
+              f"{args.sched} schedule stepped per {'update' if args.sched_on_updates else 'epoch'}")
         d.say(f"precision: {self.precision.describe()}")
 
     def _record_config(self) -> None:
@@ -81,7 +114,13 @@ class Trainer:
             loss = self.criterion(self.model(images), labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.backward(loss, self.optimizer)
+        if self.clip_params is not None:
+            from timm.utils import dispatch_clip_grad
+            self.precision.unscale_(self.optimizer)
+            dispatch_clip_grad(self.clip_params, self.args.clip_grad, mode=self.args.clip_mode)
         self.precision.step(self.optimizer)
+        if self.ema is not None:
+            self.ema.update(self.plain, step=global_step + 1)  # timm: step = updates done
         return loss.detach()
 
     # ------------------------------------------------------------------ fit
@@ -94,10 +133,17 @@ class Trainer:
         for epoch in range(self.start_epoch, stop):
             done = self.train_epoch(epoch, epochs)
             fewest, most = (d.all_reduce([done], op)[0] for op in (dist.ReduceOp.MIN, dist.ReduceOp.MAX))
-            result = self.validate(epoch)
+            distribute_bn(self.plain, d, self.dist_bn)
+            # timm's --val-interval: validate and checkpoint every N epochs and at the end (here:
+            # also the last epoch of a --stop-after run, so that it can be resumed)
+            if (epoch + 1) % args.val_interval == 0 or epoch + 1 == stop:
+                result = self.validate(epoch)
+                if self.ema is not None:
+                    distribute_bn(self.ema.module, d, self.dist_bn)
+                    result = self.validate(epoch, self.ema.module, kind="val_ema") or result  # ranks best, as timm
+                self.save(epoch, result)
             stats = self.data_stats()
             self.metrics.write(kind="epoch", epoch=epoch, steps_min=int(fewest), steps_max=int(most), **stats)
-            self.save(epoch, result)
         best = self.saver.best_metric if self.saver else None
         return {"epochs_done": stop - self.start_epoch, "last": result, "best_top1": best}
 
@@ -105,6 +151,8 @@ class Trainer:
         """One epoch of exactly steps_per_epoch steps; returns the steps the loader gave."""
         args, d, steps = self.args, self.d, self.steps_per_epoch
         self.data.train.set_epoch(epoch)
+        if self.data.augment is not None:
+            self.data.augment.set_epoch(epoch)
         it = iter(self.data.feed(self.data.train))
         loss_sum = torch.zeros((), device=self.dev.torch)
         window_start, wait, n_window = time.perf_counter(), 0.0, 0
@@ -134,27 +182,30 @@ class Trainer:
         return steps + extra
 
     @torch.no_grad()
-    def validate(self, epoch: int) -> dict | None:
+    def validate(self, epoch: int, model=None, kind: str = "val") -> dict | None:
         """Top-1/top-5 over every validation sample exactly once, summed across ranks."""
         if self.data.val is None:
             return None
+        model = model if model is not None else self.plain
         self.data.val.set_epoch(epoch)
-        self.plain.eval()
+        was_training = model.training
+        model.eval()
         n, sums = 0, torch.zeros(3, dtype=torch.float64, device=self.dev.torch)  # loss, top1, top5
         for images, labels in self.data.val_feed(self.data.val):
             with self.precision.autocast():
-                logits = self.plain(images)
+                logits = model(images)
             loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
             hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             sums += torch.stack([loss, hit[:, 0].sum(), hit.any(1).sum()]).double()
             n += len(labels)
-        self.plain.train()
+        model.train(was_training)
         n, loss, top1, top5 = self.d.all_reduce([n] + sums.tolist())
         result = {"n": int(n), "loss": loss / max(n, 1), "top1": 100 * top1 / max(n, 1),
                   "top5": 100 * top5 / max(n, 1)}
-        self.d.say(f"epoch {epoch} validation: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-                   f"loss {result['loss']:.4f}  ({result['n']} images)")
-        self.metrics.write(kind="val", epoch=epoch, step=(epoch + 1) * self.steps_per_epoch,
+        self.d.say(f"epoch {epoch} validation{' (EMA)' if kind == 'val_ema' else ''}: top-1 "
+                   f"{result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
+                   f"({result['n']} images)")
+        self.metrics.write(kind=kind, epoch=epoch, step=(epoch + 1) * self.steps_per_epoch,
                            top1=result["top1"], top5=result["top5"], loss=result["loss"], time=time.time())
         return result
 
@@ -170,7 +221,8 @@ class Trainer:
         if not self.saver:
             return
         best = self.saver.save(epoch, self.plain, self.optimizer, self.precision, self.schedule,
-                               vars(self.args), metric=result and result["top1"])
+                               vars(self.args), metric=result and result["top1"],
+                               ema=self.ema.module if self.ema is not None else None)
         self.d.say(f"checkpoint: {self.saver.last_path}{' (new best)' if best else ''}")
 
     # ------------------------------------------------------------------ benchmark
@@ -186,6 +238,8 @@ class Trainer:
                 yield from self.data.feed(loader)
                 epoch += 1
 
+        if self.data.augment is not None:
+            self.data.augment.set_epoch(0)
         it, step, wait = batches(), 0, 0.0
         for _ in range(args.perf_warmup):
             images, labels = next(it)
@@ -217,3 +271,10 @@ class Trainer:
             "peak_mem_gb": round(self.dev.max_memory_allocated() / 2**30, 3),
             "torch": torch.__version__,
         }
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch (all devices), as timm's random_seed(seed, rank) with seed + rank."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

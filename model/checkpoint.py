@@ -9,6 +9,7 @@ A checkpoint is a dict of tensors and plain Python values only:
   config       the run's resolved config (values that are not plain types become strings)
   rng          python `random`, numpy (as lists), torch CPU and accelerator generator states
   metric       this epoch's metric; best_metric  the best so far
+  state_dict_ema  with --model-ema: the EMA weights (timm's key; timm's loaders prefer it)
 Files are written to a temporary file in the same folder, flushed, fsynced, then renamed over
 the target, so a crash mid-write never leaves a truncated last.pth or best.pth.
 """
@@ -162,7 +163,7 @@ class CheckpointSaver:
         return metric > self.best_metric if higher_is_better else metric < self.best_metric
 
     def save(self, epoch: int, model, optimizer, precision, schedule, config: dict,
-             metric: float | None = None, higher_is_better: bool = True) -> bool:
+             metric: float | None = None, higher_is_better: bool = True, ema=None) -> bool:
         """Returns True when this epoch became best.pth."""
         is_best = self._improves(metric, higher_is_better)
         if is_best:
@@ -178,6 +179,8 @@ class CheckpointSaver:
             "metric": None if metric is None else float(metric),
             "best_metric": self.best_metric,
         }
+        if ema is not None:
+            state["state_dict_ema"] = unwrap_model(ema).state_dict()
         save_checkpoint(self.last_path, state)
         if is_best:
             save_checkpoint(self.best_path, state)
@@ -185,10 +188,11 @@ class CheckpointSaver:
 
 
 def resume(path: str, model, optimizer, precision, device: Device | None = None,
-           restore_rng: bool = True) -> dict:
+           restore_rng: bool = True, ema=None) -> dict:
     """Restore everything `CheckpointSaver.save` wrote; returns {'epoch': next epoch to run,
     'best_metric', 'config', 'metric'}. Call on every rank, after precision.prepare() and
-    before wrapping the model in DDP/compile (wrappers are stripped either way)."""
+    before wrapping the model in DDP/compile (wrappers are stripped either way). `ema` (the EMA
+    module) gets `state_dict_ema`; from a checkpoint without one it starts from the resumed weights."""
     ckpt = load_checkpoint(path)
     missing = [k for k in ("model", "optimizer", "epoch") if k not in ckpt]
     if missing:
@@ -198,6 +202,12 @@ def resume(path: str, model, optimizer, precision, device: Device | None = None,
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not fit this model: "
                               f"{str(e).strip().splitlines()[0]}") from None
+    if ema is not None:
+        try:
+            unwrap_model(ema).load_state_dict(ckpt.get("state_dict_ema") or unwrap_model(model).state_dict())
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {path}: its EMA does not fit this model: "
+                                  f"{str(e).strip().splitlines()[0]}") from None
     _load_optimizer(optimizer, ckpt["optimizer"])
     if precision is not None:
         precision.load_state_dict(ckpt.get("scaler") or {})
