@@ -10,6 +10,7 @@ from pipeline.augment import ColorJitter, DeviceAugment, Mixup, RandomErasing
 from pipeline.info import check_local_shards, load_info
 from pipeline.loader import BatchLoader, create_loader
 from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize
+from pipeline.randaugment import RandAugment
 from pipeline.synthetic import SyntheticBatches
 
 from .config import DEMO, build_parser, mixup_active
@@ -100,7 +101,8 @@ def make_data(args, d: Dist) -> Data:
                   prefetch_factor=args.prefetch_factor, persistent=args.use_multi_epochs_loader,
                   reuse_buffers=True)  # DevicePrefetcher copies each batch before the next
     train = create_loader(split, train=True, shuffle_buffer=args.shuffle_buffer,
-                          train_interpolation=args.train_interpolation, auto_augment=args.aa, **common)
+                          train_interpolation=args.train_interpolation,
+                          augment=RandAugment(args.aa) if args.aa else None, **common)
     if len(train) < 1:
         raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
                         f"({args.batch_size} x {d.world} processes); lower -b")

@@ -78,26 +78,23 @@ def create_loader(split, *, train: bool, batch_size: int, img_size: int = 224,
                   num_workers: int = 8, seed: int = 0, world_size: int = 1, rank: int = 0,
                   decoder: str = "cpu", shuffle_buffer: int = 2048, crop_pct: float = 0.875,
                   train_interpolation: str = "bilinear", eval_interpolation: str = "bicubic",
-                  auto_augment: str | None = None, reduced_decode: bool | None = None,
+                  augment=None, reduced_decode: bool | None = None,
                   pin_memory: bool = False, prefetch_factor: int = 4, persistent: bool = True,
                   reuse_buffers: bool = False) -> StreamLoader:
     """A loader of uint8 NHWC batches (or, with decoder='gpu', of JPEG bytes + crop boxes).
 
-    `auto_augment` is a RandAugment policy (train only). Reduced-size decoding is on for
-    training and off for evaluation by default: on a large image it moves the eval tensor
-    away from timm's (tests/test_transforms.py).
+    `augment(out, rng)` (train only) changes each HWC uint8 crop in the worker, e.g. a
+    pipeline.randaugment.RandAugment. Reduced-size decoding is on for training and off for
+    evaluation by default: on a large image it moves the eval tensor away from timm's
+    (tests/test_transforms.py).
     """
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
-    if decoder == "gpu" and auto_augment:
-        raise ValueError("RandAugment runs on decoded pixels in the workers: it does not combine with decoder='gpu'")
+    if decoder == "gpu" and augment is not None:
+        raise ValueError("worker augmentation runs on decoded pixels: it does not combine with decoder='gpu'")
     cpu_decoder = "pil" if decoder == "pil" else "tv"
     reduce = train if reduced_decode is None else reduced_decode
     if train:
-        augment = None
-        if auto_augment:
-            from .randaugment import RandAugment
-            augment = RandAugment(auto_augment)
         transform = TrainTransform(img_size, interpolation=train_interpolation,
                                    decoder=cpu_decoder, reduce=reduce, augment=augment)
     else:

@@ -23,13 +23,27 @@ def run_tool(*args, timeout=300):
 def test_bench_loader_reports_ratio_to_ceiling_and_timm(demo_shards):
     result, out = run_tool("tools/bench_loader.py", "--data_path", str(demo_shards), "-j", "1", "-b", "8",
                            "--img-size", "32", "--steps", "3", "--warmup", "1", "--ceiling-seconds", "0.5",
-                           "--vs-timm", "--epochs", "2")
+                           "--vs-timm", "--epochs", "2", "--train-interpolation", "random",
+                           "--color-jitter", "0.4", "--jitter-in", "workers", "--vs-plain")
     assert result["img_per_s"] > 0 and result["ceiling_img_per_s"] > 0
     # the tool divides unrounded rates; the printed rates are rounded
     assert result["ratio"] == pytest.approx(result["img_per_s"] / result["ceiling_img_per_s"], abs=2e-3)
     assert result["cores_used"] == 1 and result["images"] == 3 * 8
     assert result["timm_img_per_s"] > 0 and len(result["worker_rss_mb_per_epoch"]) == 1
     assert "ours/timm" in out
+    # the A/B against the plain loader (bilinear, no jitter), measured in the same rounds
+    assert result["plain_img_per_s"] > 0 and result["vs_plain"] == result["vs_plain_rounds"][0]
+    assert result["vs_plain"] == pytest.approx(result["img_per_s"] / result["plain_img_per_s"], abs=2e-3)
+    assert (result["train_interpolation"], result["jitter_in"]) == ("random", "workers") and "ours/plain" in out
+
+
+def test_bench_jitter_compares_workers_and_device():
+    result, out = run_tool("tools/bench_jitter.py", "--img-size", "32", "-b", "8", "--seconds", "0.2", "--rounds", "1")
+    assert result["worker_us_per_image"] > 0 and result["device_us_per_image"] > 0
+    assert result["device"] == "cpu" and result["batch_size"] == 8
+    assert result["workers_over_device"] == pytest.approx(
+        result["worker_us_per_image"] / result["device_us_per_image"], rel=1e-2)
+    assert "per image" in out
 
 
 def test_bench_loader_clear_error_without_info(tmp_path):
