@@ -73,6 +73,7 @@ def create_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_
     groups = param_groups(model, weight_decay)
     n_decay = sum(len(g["params"]) for g in groups if g["weight_decay"])
     n_plain = sum(len(g["params"]) for g in groups if not g["weight_decay"])
+    nesterov = nesterov and momentum > 0  # without momentum Nesterov is plain SGD (torch refuses the flag)
     sgd = dict(lr=float(lr), momentum=momentum, nesterov=nesterov)
     tail = (f"momentum {momentum}{', nesterov' if nesterov else ''}, weight decay {weight_decay} "
             f"on {n_decay} tensors, none on {n_plain} (BN/bias)")

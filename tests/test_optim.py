@@ -78,7 +78,7 @@ def test_only_decayed_params_move_with_zero_grads():
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.uniform_(m.bias, -0.5, 0.5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt, _ = create_optimizer(model, lr=0.5, momentum=0.0, weight_decay=0.1, nesterov=False, device=CPU)
+    opt, _ = create_optimizer(model, lr=0.5, momentum=0.0, weight_decay=0.1, device=CPU)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()

@@ -117,14 +117,19 @@ def test_drop_path_num_classes_and_validation_batch(demo_shards, capsys):
     assert code == 2 and "--num-classes 5 does not match the 6 classes" in err and len(err.strip().splitlines()) == 1
 
 
-def test_sched_on_updates_changes_the_lr_every_update(tmp_path, capsys):
-    out = tmp_path / "run"
-    code = train_stream.main(["--synthetic", *SMALL, "--epochs", "1", "--sched-on-updates", "--output", str(out)])
-    assert code == 0, capsys.readouterr().err
-    train = [r for r in read_metrics(out) if r["kind"] == "train"]
-    cfg = ScheduleConfig(0.05, 1, 100, warmup_epochs=1, on_updates=True)
-    assert [r["lr"] for r in train] == pytest.approx([lr_at(r["step"] - 1, cfg) for r in train], rel=1e-9)
-    assert len({r["lr"] for r in train[:100]}) == 100  # per update, not per epoch
+def test_sched_on_updates_changes_the_lr_every_update():
+    """The trainer's LR follows lr_at in the mode the flags pick: per epoch by default, per
+    update with --sched-on-updates (synthetic data: 100 steps per epoch)."""
+    for extra, on_updates in (([], False), (["--sched-on-updates"], True)):
+        trainer = make_trainer(["--synthetic", *SMALL, *extra])
+        cfg = ScheduleConfig(0.05, 90, 100, warmup_epochs=1, on_updates=on_updates)
+        assert trainer.sched_cfg == cfg
+        lrs = []
+        for step, (images, labels) in zip((0, 1, 2, 150), synthetic_batches(trainer, 4)):
+            trainer.step(images, labels, step)
+            lrs.append(float(trainer.optimizer.param_groups[0]["lr"]))
+        assert lrs == pytest.approx([lr_at(s, cfg) for s in (0, 1, 2, 150)], rel=1e-6)  # float32 LR tensor
+        assert (len(set(lrs[:3])) == 3) is on_updates
 
 
 @pytest.mark.slow
