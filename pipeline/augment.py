@@ -37,11 +37,17 @@ class BatchRandom:
 
     def __init__(self, seed: int, rank: int, epoch: int, index: int, generator: torch.Generator | None):
         self.py = random.Random(f"batch-augment:{seed}:{rank}:{epoch}:{index}")
-        base = self.py.getrandbits(64)
-        self.np = np.random.RandomState([base & 0xFFFFFFFF, base >> 32])
+        self.base = self.py.getrandbits(64)
+        self._np = None
         self.torch = generator
         if generator is not None:
-            generator.manual_seed(base >> 1)  # a host-side setting: no device work, no sync
+            generator.manual_seed(self.base >> 1)  # a host-side setting: no device work, no sync
+
+    @property
+    def np(self) -> np.random.RandomState:
+        if self._np is None:  # made on first use: only mixup draws from it
+            self._np = np.random.RandomState([self.base & 0xFFFFFFFF, self.base >> 32])
+        return self._np
 
 
 def device_generator(device: torch.device) -> torch.Generator | None:

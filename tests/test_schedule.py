@@ -55,7 +55,7 @@ def test_lr_matches_timm_every_step(sched, epochs, spe, warmup, cooldown, extra,
     for n, (a, b) in enumerate(zip(ours, expected)):
         assert a == pytest.approx(b, rel=1e-12, abs=0), f"step {n}: ours {a} timm {b}"
     # the curve really has the expected shape (guards against comparing two constants)
-    assert max(ours) <= 0.4 and len(set(ours)) > 2
+    assert max(ours) <= 0.4 and len(set(ours)) > (3 if on_updates else 2)  # per epoch: as few as 3 values
     if warmup:
         assert ours[0] == cfg.warmup_lr
     if sched == "cosine" and cooldown:

@@ -5,10 +5,11 @@
                                    [--steps 20] [--warmup 5] [--rounds 3] [--device cpu]
 
 Both sides train the same model on the same device-resident batch with the same precision,
-channels-last layout, label-smoothing loss and fused SGD. The bare loop is only
-forward / backward / step / zero_grad; ours is `train_stream.py --synthetic --performance`
-(run in this process), which adds the per-step LR update, on-device normalisation and the
-loop's bookkeeping. Rounds alternate (bare, ours, bare, ours, ...) so drift hits both; the
+channels-last layout, label-smoothing loss and fused Nesterov SGD. The bare loop is only
+forward / backward / step / zero_grad; ours is `train_stream.py --synthetic --performance
+--color-jitter 0` (run in this process), which adds the per-step LR update, on-device
+normalisation and the loop's bookkeeping (the colour jitter is augmentation work, measured by
+tools/bench_jitter.py). Rounds alternate (bare, ours, bare, ours, ...) so drift hits both; the
 median of each side is compared. Last stdout line: JSON with `overhead` = ours/bare time - 1.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ def bare_loop(args, device) -> float:
     """Images/s of the plainest loop that does the same training work."""
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=1000, channels_last=True, device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, fused=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True, fused=True)
     precision = resolve_precision(device)  # train_stream's own choice for this device
     crit = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device.torch)
@@ -63,7 +64,7 @@ def ours(args) -> float:
     out = io.StringIO()
     argv = ["--synthetic", "--performance", "--model", args.model, "--img-size", str(args.img_size),
             "-b", str(args.batch_size), "--perf-steps", str(args.steps), "--perf-warmup", str(args.warmup),
-            "--device", args.device]
+            "--device", args.device, "--color-jitter", "0"]
     with contextlib.redirect_stdout(out):
         code = train_stream_main(argv)
     if code != 0:
