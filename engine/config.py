@@ -15,9 +15,11 @@ from model.schedule import (
     DEFAULT_COOLDOWN_EPOCHS,
     DEFAULT_DECAY_EPOCHS,
     DEFAULT_DECAY_RATE,
+    DEFAULT_LR_PEAK_EPOCH,
     DEFAULT_MIN_LR,
     DEFAULT_WARMUP_EPOCHS,
     DEFAULT_WARMUP_LR,
+    SCHEDULES,
 )
 
 DESCRIPTION = ("Train a timm model (default gluon_resnet50_v1b) on ImageNet streamed from tar shards, fast. "
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--clip-grad", type=float, default=None, help="clip gradients at this norm (or value)")
     g.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"))
-    g.add_argument("--sched", default="cosine", choices=("cosine", "step"))
+    g.add_argument("--sched", default="cosine", choices=SCHEDULES)
     g.add_argument("--sched-on-updates", action="store_true",
                    help="change the LR every optimizer update (default: once per epoch)")
     g.add_argument("--epochs", type=int, default=90)
@@ -154,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure FPS: warm-up steps, then --perf-steps timed steps; print JSON")
     g.add_argument("--perf-steps", type=int, default=100)
     g.add_argument("--perf-warmup", type=int, default=20, help="untimed steps before measuring")
+    g = p.add_argument_group("fast recipes (ffcv-imagenet's flags and meanings; configs/fast_*.yaml)")
+    g.add_argument("--lr-peak-epoch", type=int, default=DEFAULT_LR_PEAK_EPOCH,
+                   help="linear-step: the LR rises from 1e-4 x lr at epoch 0 to lr here, then falls to 0 at --epochs")
+    g.add_argument("--min-res", type=int, default=None,
+                   help="progressive resizing: train at this size up to --start-ramp (with --max-res; "
+                        "default: --img-size throughout)")
+    g.add_argument("--max-res", type=int, default=None, help="progressive resizing: the size from --end-ramp on")
+    g.add_argument("--start-ramp", type=int, default=0, help="last epoch at --min-res")
+    g.add_argument("--end-ramp", type=int, default=0,
+                   help="first epoch at --max-res; in between, linear in the epoch, rounded to a multiple of 32")
+    g.add_argument("--val-res", type=int, default=None, help="validation image size (default: --img-size)")
+    g.add_argument("--val-crop-pct", type=float, default=None,
+                   help="validation centre-crop fraction (default: --crop-pct)")
+    g.add_argument("--val-tta", default="none", choices=("none", "flip"),
+                   help="flip: validate on the sum of the logits of each image and its mirror image")
+    g.add_argument("--blurpool", action=argparse.BooleanOptionalAction, default=False,
+                   help="blur (3x3 binomial, depthwise) before every strided conv with 16+ input channels")
     for action in p._actions:  # every flag shows its default in --help
         if action.help is None:
             action.help = "(default: %(default)s)"
@@ -230,3 +249,23 @@ def check_args(args) -> None:
         raise ConfigError("--synthetic reads no data, so --decode does not apply")
     if not 0 < args.crop_pct <= 1:
         raise ConfigError("--crop-pct must be in (0, 1]")
+    check_fast_args(args)
+
+
+def check_fast_args(args) -> None:
+    """The fast-recipe flags (progressive resizing, validation size, linear-step)."""
+    if (args.min_res is None) != (args.max_res is None):
+        raise ConfigError("--min-res and --max-res go together (progressive resizing)")
+    if args.min_res is not None and not 1 <= args.min_res <= args.max_res:
+        raise ConfigError(f"progressive resizing needs 1 <= --min-res <= --max-res (got {args.min_res} "
+                          f"and {args.max_res})")
+    if not 0 <= args.start_ramp <= args.end_ramp:
+        raise ConfigError(f"--start-ramp and --end-ramp need 0 <= start <= end (got {args.start_ramp} "
+                          f"and {args.end_ramp})")
+    if args.val_res is not None and args.val_res < 1:
+        raise ConfigError("--val-res must be at least 1")
+    if args.val_crop_pct is not None and not 0 < args.val_crop_pct <= 1:
+        raise ConfigError("--val-crop-pct must be in (0, 1]")
+    if args.sched == "linear-step" and not 0 <= args.lr_peak_epoch < args.epochs:
+        raise ConfigError(f"--lr-peak-epoch must be in [0, --epochs) for linear-step "
+                          f"(got {args.lr_peak_epoch} with {args.epochs} epochs)")

@@ -51,7 +51,7 @@ class Trainer:
                                         warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
                                         min_lr=args.min_lr, decay_epochs=args.decay_epochs,
                                         decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs,
-                                        on_updates=args.sched_on_updates)
+                                        on_updates=args.sched_on_updates, peak_epoch=args.lr_peak_epoch)
         self.schedule = LRSchedule(self.optimizer, self.sched_cfg)
         self.ema = None
         if args.model_ema:

@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warmup, then cosine (or step) decay, then cooldown at min_lr.
+"""Learning-rate schedule: linear warmup, then cosine (or step) decay, then cooldown at min_lr;
+or FFCV's triangle (`linear-step`).
 
 `lr_at(step, cfg)` is a pure function of the global optimizer-update count, in two modes:
 - per epoch (the default, `on_updates=False`): the LR changes once per epoch, as in the
@@ -18,17 +19,25 @@ timm semantics kept on purpose (see timm/scheduler/{cosine_lr,step_lr,scheduler_
   extend the run at `min_lr` (timm adds them to the total epoch count for cosine only);
 - step decays by `decay_rate` every `decay_epochs`; timm does *not* add cooldown epochs to a
   step schedule's length, so `total_epochs()` ignores `cooldown_epochs` for `sched="step"`.
+
+`linear-step` is ffcv-imagenet's `lr_schedule_type: cyclic` (train_imagenet.py @ 606c584,
+`get_cyclic_lr` l.107-113, used by every rn50 config): one triangle through (0, 1e-4 x lr),
+(`peak_epoch`, lr), (`epochs`, 0), evaluated with numpy.interp as FFCV does. FFCV changes the LR
+every iteration (`train_loop` l.356-364: np.interp(ix, [0, iters], [lr(e), lr(e + 1)])): that is
+the per-update mode here, bit for bit; per epoch, every update of epoch e uses lr(e). It ignores
+warmup_epochs/warmup_lr/min_lr/cooldown_epochs (FFCV has none of them).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from common.errors import ConfigError
 
-SCHEDULES = ("cosine", "step")
+SCHEDULES = ("cosine", "step", "linear-step")
 
 # The reference run's values: the Ascend port (ModelZoo-PyTorch @ 6a2804a3,
 # PyTorch/built-in/cv/classification/Gluon_ResNet50_v1b_for_PyTorch), train.py @ 86c6aebb defaults
@@ -42,6 +51,10 @@ DEFAULT_MIN_LR = 1e-5  # train.py l.170
 DEFAULT_DECAY_EPOCHS = 30  # train.py l.178 (step schedule only)
 DEFAULT_DECAY_RATE = 0.1  # train.py l.186
 DEFAULT_COOLDOWN_EPOCHS = 0  # train_full_{1p,8p}.sh --cooldown-epochs 0 (train.py l.182 default: 10)
+# linear-step only: ffcv-imagenet train_imagenet.py @ 606c584 l.60, lr.lr_peak_epoch default (its
+# rn50 configs do not set it); the triangle starts at 1e-4 x lr (l.112).
+DEFAULT_LR_PEAK_EPOCH = 2
+LINEAR_STEP_START = 1e-4
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,7 @@ class ScheduleConfig:
     cooldown_epochs: int = DEFAULT_COOLDOWN_EPOCHS
     warmup_prefix: bool = False  # True: warmup comes before `epochs` of decay instead of inside them
     on_updates: bool = False  # True: a new LR every update (--sched-on-updates); False: once per epoch
+    peak_epoch: int = DEFAULT_LR_PEAK_EPOCH  # linear-step: the epoch at which the LR peaks
 
     def __post_init__(self):
         if self.sched not in SCHEDULES:
@@ -65,6 +79,9 @@ class ScheduleConfig:
         if self.steps_per_epoch < 1 or self.epochs < 1:
             raise ConfigError(f"the LR schedule needs epochs >= 1 and steps_per_epoch >= 1 "
                              f"(got {self.epochs} and {self.steps_per_epoch})")
+        if self.sched == "linear-step" and not 0 <= self.peak_epoch < self.epochs:
+            raise ConfigError(f"--lr-peak-epoch must be in [0, --epochs) for linear-step "
+                             f"(got {self.peak_epoch} with {self.epochs} epochs)")
 
 
 def scale_lr(lr_base: float, global_batch: int, base_size: int = DEFAULT_BASE_SIZE,
@@ -79,8 +96,24 @@ def scale_lr(lr_base: float, global_batch: int, base_size: int = DEFAULT_BASE_SI
     return lr_base * ratio
 
 
+def triangle_lr(epoch: float, cfg: ScheduleConfig) -> float:
+    """ffcv-imagenet's get_cyclic_lr: np.interp([epoch], [0, peak, epochs], [1e-4 lr, lr, 0])[0]
+    (0 from `epochs` on: np.interp clamps)."""
+    if cfg.peak_epoch == 0:  # FFCV's xs would repeat 0; the triangle is then a line down from lr
+        return float(np.interp([epoch], [0, cfg.epochs], [cfg.base_lr, 0])[0])
+    xs, ys = [0, cfg.peak_epoch, cfg.epochs], [LINEAR_STEP_START * cfg.base_lr, cfg.base_lr, 0]
+    return float(np.interp([epoch], xs, ys)[0])
+
+
 def lr_at(step: int, cfg: ScheduleConfig) -> float:
     """LR for the optimizer update number `step` (0-based; counted over the whole run)."""
+    if cfg.sched == "linear-step":
+        epoch, ix = divmod(step, cfg.steps_per_epoch)
+        if not cfg.on_updates:
+            return triangle_lr(epoch, cfg)
+        # FFCV's train_loop: lrs = np.interp(np.arange(iters), [0, iters], [lr(e), lr(e + 1)])
+        ends = [triangle_lr(epoch, cfg), triangle_lr(epoch + 1, cfg)]
+        return float(np.interp([ix], [0, cfg.steps_per_epoch], ends)[0])
     spe = 1 if not cfg.on_updates else cfg.steps_per_epoch  # timm's unit t: epochs or updates
     t = step if cfg.on_updates else step // cfg.steps_per_epoch
     warmup_t = cfg.warmup_epochs * spe
@@ -100,11 +133,11 @@ def lr_at(step: int, cfg: ScheduleConfig) -> float:
 
 def total_epochs(cfg: ScheduleConfig) -> int:
     """Epochs to train, as timm's create_scheduler_v2 returns them (includes prefix warmup/cooldown)."""
-    if cfg.sched == "cosine":
+    if cfg.sched == "cosine":  # linear-step, like step, has no cooldown and no prefix
         steps = cfg.epochs * cfg.steps_per_epoch
         steps += cfg.warmup_epochs * cfg.steps_per_epoch if cfg.warmup_prefix else 0
         return (steps + cfg.cooldown_epochs * cfg.steps_per_epoch) // cfg.steps_per_epoch
-    return cfg.epochs + (cfg.warmup_epochs if cfg.warmup_prefix else 0)
+    return cfg.epochs + (cfg.warmup_epochs if cfg.warmup_prefix and cfg.sched == "step" else 0)
 
 
 def total_steps(cfg: ScheduleConfig) -> int:

@@ -1,0 +1,165 @@
+"""FFCV's ResNet-50 recipes (ffcv-imagenet): the linear-step LR and the resolution schedule against
+FFCV's own formulas, BlurPool, validation at its own size with flip TTA, and configs/fast_*.yaml."""
+import math
+import os
+
+import pytest
+
+from common.errors import ConfigError
+from engine.config import parse_args
+from model.schedule import ScheduleConfig, lr_at, scale_lr, total_epochs, total_steps
+from pipeline.resolution import ResolutionSchedule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------- FFCV's formulas, copied
+# From libffcv/ffcv-imagenet, train_imagenet.py @ 606c584137a8ceebb748db9cb5d17ea23a413c01
+# (schedule code unchanged since 2fff1da4): get_step_lr l.96-105, get_cyclic_lr l.107-113,
+# get_lr l.159-166, get_resolution l.168-185, the per-iteration LR of train_loop l.356-364.
+# Re-written without numpy: `_interp` follows numpy.interp's formula slope * (x - xp[j]) + fp[j]
+# (fp[j] exactly when x == xp[j]); np.round is round-half-to-even, as Python's round().
+
+def _interp(x, xp, fp):
+    """np.interp for a scalar x and strictly increasing xp (clamps outside)."""
+    n = len(xp)
+    if x > xp[-1]:
+        return float(fp[-1])
+    if x < xp[0]:
+        return float(fp[0])
+    j = 0
+    while j + 1 < n and xp[j + 1] <= x:
+        j += 1
+    if j == n - 1 or xp[j] == x:
+        return float(fp[j])
+    slope = (fp[j + 1] - fp[j]) / (xp[j + 1] - xp[j])
+    return slope * (x - xp[j]) + fp[j]
+
+
+def ffcv_get_resolution(epoch, min_res, max_res, end_ramp, start_ramp):
+    assert min_res <= max_res
+    if epoch <= start_ramp:
+        return min_res
+    if epoch >= end_ramp:
+        return max_res
+    # otherwise, linearly interpolate to the nearest multiple of 32
+    interp = _interp(epoch, [start_ramp, end_ramp], [min_res, max_res])
+    return int(round(interp / 32)) * 32
+
+
+def ffcv_get_step_lr(epoch, lr, step_ratio, step_length, epochs):
+    if epoch >= epochs:
+        return 0
+    num_steps = epoch // step_length
+    return step_ratio ** num_steps * lr
+
+
+def ffcv_get_cyclic_lr(epoch, lr, epochs, lr_peak_epoch):
+    xs = [0, lr_peak_epoch, epochs]
+    ys = [1e-4 * lr, lr, 0]
+    return _interp(epoch, xs, ys)
+
+
+def ffcv_lr_at(epoch, ix, iters, lr, epochs, lr_peak_epoch):
+    """train_loop: lrs = np.interp(np.arange(iters), [0, iters], [get_lr(epoch), get_lr(epoch + 1)])."""
+    lr_start = ffcv_get_cyclic_lr(epoch, lr, epochs, lr_peak_epoch)
+    lr_end = ffcv_get_cyclic_lr(epoch + 1, lr, epochs, lr_peak_epoch)
+    return _interp(ix, [0, iters], [lr_start, lr_end])
+
+
+# rn50_configs/rn50_{E}_epochs.yaml @ 5bab20e: start_ramp, end_ramp (min_res 160, max_res 192 in all)
+RN50_RAMPS = {16: (11, 13), 24: (17, 20), 32: (23, 27), 40: (29, 34), 56: (41, 48), 88: (65, 76)}
+
+
+# ---------------------------------------------------------------- linear-step LR
+@pytest.mark.parametrize("epochs,peak,spe", [(16, 2, 312), (88, 2, 312), (6, 2, 7), (5, 1, 3), (3, 2, 4)])
+def test_linear_step_equals_ffcv_every_iteration(epochs, peak, spe):
+    """Per update: every iteration of the run equals FFCV's per-iteration LR, bit for bit."""
+    cfg = ScheduleConfig(1.7, epochs, spe, sched="linear-step", peak_epoch=peak, on_updates=True)
+    assert total_epochs(cfg) == epochs and total_steps(cfg) == epochs * spe
+    ours = [lr_at(s, cfg) for s in range(epochs * spe)]
+    theirs = [ffcv_lr_at(e, ix, spe, 1.7, epochs, peak) for e in range(epochs) for ix in range(spe)]
+    assert ours == theirs
+    assert ours[0] == 1.7e-4 and max(ours) == 1.7 and ours[-1] > 0  # the triangle, never 0 inside the run
+
+
+@pytest.mark.parametrize("epochs,peak", [(16, 2), (40, 2), (6, 3)])
+def test_linear_step_per_epoch_equals_ffcv_get_lr(epochs, peak):
+    """Per epoch (the issue's reading): every update of epoch e uses FFCV's get_lr(e)."""
+    spe = 5
+    cfg = ScheduleConfig(1.7, epochs, spe, sched="linear-step", peak_epoch=peak)
+    for e in range(epochs):
+        want = ffcv_get_cyclic_lr(e, 1.7, epochs, peak)
+        assert [lr_at(e * spe + i, cfg) for i in range(spe)] == [want] * spe, e
+    assert lr_at(epochs * spe, cfg) == 0  # FFCV's lr at `epochs` (np.interp clamps)
+
+
+def test_linear_step_reproduces_ffcvs_logged_lrs():
+    """ffcv-imagenet assets/agg.csv @ eebd5af logs `current_lr` (the LR of the last iteration of
+    each epoch) of the 16-epoch run: 8 x 512 images per step, 312 steps per epoch."""
+    iters = math.ceil(1_281_167 / 8) // 512
+    assert iters == 312
+    cfg = ScheduleConfig(scale_lr(0.10625, 8 * 512), 16, iters, sched="linear-step", on_updates=True)
+    logged = {0: 0.8473609134615381, 1: 1.697275913461538, 2: 1.578960622710622,
+              12: 0.364674908424908, 15: 0.000389194139194}
+    for e, want in logged.items():
+        assert lr_at(e * iters + iters - 1, cfg) == pytest.approx(want, rel=0, abs=1e-12)
+
+
+def test_ffcv_step_schedule_is_timm_step_without_warmup_per_epoch():
+    """FFCV's other type, `step` (no published config uses it): per epoch it is --sched step with
+    --warmup-epochs 0 (--decay-epochs = step_length, --decay-rate = step_ratio)."""
+    cfg = ScheduleConfig(0.5, 90, 3, sched="step", warmup_epochs=0, decay_epochs=30, decay_rate=0.1)
+    for e in range(90):
+        assert lr_at(e * 3 + 2, cfg) == pytest.approx(ffcv_get_step_lr(e, 0.5, 0.1, 30, 90), rel=1e-12)
+
+
+def test_linear_step_errors_and_flags():
+    with pytest.raises(ConfigError, match="lr-peak-epoch"):
+        ScheduleConfig(1.0, 4, 10, sched="linear-step", peak_epoch=4)
+    with pytest.raises(ConfigError, match="lr-peak-epoch"):
+        parse_args(["--sched", "linear-step", "--epochs", "2", "--lr-peak-epoch", "2"])
+    args = parse_args(["--sched", "linear-step", "--lr-peak-epoch", "3", "--sched-on-updates"])
+    assert (args.sched, args.lr_peak_epoch, args.sched_on_updates) == ("linear-step", 3, True)
+    # peak at epoch 0: straight down from lr (FFCV's xs would repeat 0)
+    cfg = ScheduleConfig(1.0, 4, 1, sched="linear-step", peak_epoch=0)
+    assert [lr_at(s, cfg) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+# ---------------------------------------------------------------- resolution schedule
+@pytest.mark.parametrize("epochs", sorted(RN50_RAMPS))
+def test_resolution_equals_ffcv_get_resolution_for_the_rn50_configs(epochs):
+    start, end = RN50_RAMPS[epochs]
+    res = ResolutionSchedule(160, 192, start, end)
+    ours = [res.at(e) for e in range(epochs)]
+    assert ours == [ffcv_get_resolution(e, 160, 192, end, start) for e in range(epochs)]
+    assert set(ours) == {160, 192} and res.largest == 192
+    assert res.sizes(epochs) == [160, 192]
+
+
+@pytest.mark.parametrize("min_res,max_res,start,end", [
+    (160, 256, 2, 9), (128, 224, 0, 5), (160, 192, 3, 3), (161, 250, 1, 12), (64, 96, 0, 2), (32, 64, 0, 1)])
+def test_resolution_equals_ffcv_on_other_ramps(min_res, max_res, start, end):
+    """Rounding inside the ramp to multiples of 32, half to even (176 -> 192, 208 -> 192)."""
+    res = ResolutionSchedule(min_res, max_res, start, end)
+    assert [res.at(e) for e in range(end + 3)] == \
+        [ffcv_get_resolution(e, min_res, max_res, end, start) for e in range(end + 3)]
+
+
+def test_resolution_without_progressive_resizing_is_img_size():
+    res = ResolutionSchedule.from_args(parse_args(["--img-size", "96"]))
+    assert [res.at(e) for e in range(5)] == [96] * 5 and res.largest == 96 and not res.progressive
+    res = ResolutionSchedule.from_args(parse_args(["--min-res", "64", "--max-res", "128", "--end-ramp", "2"]))
+    assert res.progressive and res.largest == 128 and [res.at(e) for e in range(4)] == [64, 96, 128, 128]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--min-res", "160"], "go together"),
+    (["--min-res", "192", "--max-res", "160"], "--min-res <= --max-res"),
+    (["--start-ramp", "5", "--end-ramp", "3"], "start <= end"),
+    (["--val-res", "0"], "--val-res"),
+    (["--val-crop-pct", "1.5"], "--val-crop-pct"),
+])
+def test_fast_flag_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
