@@ -112,9 +112,14 @@ def make_data(args, d: Dist) -> Data:
         vsplit = info.split("validation")
         check_local_shards(vsplit)
         common["batch_size"] = args.validation_batch_size or args.batch_size
+        common["img_size"] = args.val_res or args.img_size  # FFCV's validation.resolution
+        common["crop_pct"] = args.val_crop_pct or args.crop_pct
         val = create_loader(vsplit, train=False, eval_interpolation=args.interpolation, **common)
     d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
           f"{len(train)} steps/epoch/rank, {workers} workers/rank, decode {args.decode}")
+    if val is not None:
+        d.say(f"validation: {args.val_res or args.img_size} px, centre crop {args.val_crop_pct or args.crop_pct:g}, "
+              f"{args.interpolation}{', flip TTA' if args.val_tta == 'flip' else ''}")
     d.say(f"augmentation: crop {args.train_interpolation}{', ' + args.aa if args.aa else ''}"
           f"{'; on the device: ' + augment.describe() if augment else ''}")
     return Data(train, val, num_classes, feed, val_feed, augment)

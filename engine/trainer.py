@@ -34,7 +34,8 @@ class Trainer:
         self.model = create_model(args.model, num_classes=data.num_classes, zero_init_last=args.zero_init_last,
                                   channels_last=args.channels_last, device=self.dev, pretrained=args.pretrained,
                                   pretrained_path=args.pretrained_path,
-                                  checkpoint_path=args.initial_checkpoint or None, **extra)
+                                  checkpoint_path=args.initial_checkpoint or None, blurpool=args.blurpool,
+                                  **extra)
         seed_everything(args.seed + d.rank)  # as timm's random_seed(seed, rank): drop path differs per rank
         self.dist_bn = args.dist_bn
         if args.sync_bn:
@@ -92,6 +93,7 @@ class Trainer:
               f"{'channels-last' if args.channels_last else 'NCHW'}, "
               f"{'compiled (' + args.torchcompile + ')' if args.torchcompile else 'eager'}"
               f"{', pretrained' if args.pretrained or args.pretrained_path else ''}"
+              f"{', BlurPool' if args.blurpool else ''}"
               f"{', EMA %g' % args.model_ema_decay if self.ema else ''}")
         d.say(f"optimizer: {opt_desc}; LR {self.lr:g} for global batch {global_batch}, "
               f"{args.sched} schedule stepped per {'update' if args.sched_on_updates else 'epoch'}")
@@ -194,7 +196,11 @@ class Trainer:
         for images, labels in self.data.val_feed(self.data.val):
             with self.precision.autocast():
                 logits = model(images)
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+                if self.args.val_tta == "flip":  # FFCV's lr_tta: the logits of both, summed
+                    logits = logits + model(images.flip(3))
+            # the loss on the mean of the two (FFCV's is on their sum): comparable with no TTA
+            tta = 2 if self.args.val_tta == "flip" else 1
+            loss = torch.nn.functional.cross_entropy(logits.float() / tta, labels, reduction="sum")
             hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             sums += torch.stack([loss, hit[:, 0].sum(), hit.any(1).sum()]).double()
             n += len(labels)

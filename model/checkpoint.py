@@ -200,8 +200,9 @@ def resume(path: str, model, optimizer, precision, device: Device | None = None,
     try:
         unwrap_model(model).load_state_dict(ckpt["model"])
     except RuntimeError as e:
+        hint = "; the checkpoint and the model differ in --blurpool" if "blur_filter" in str(e) else ""
         raise CheckpointError(f"checkpoint {path} does not fit this model: "
-                              f"{str(e).strip().splitlines()[0]}") from None
+                              f"{str(e).strip().splitlines()[0]}{hint}") from None
     if ema is not None:
         try:
             unwrap_model(ema).load_state_dict(ckpt.get("state_dict_ema") or unwrap_model(model).state_dict())

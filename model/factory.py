@@ -9,6 +9,10 @@ its cache; `pretrained_path` names a local file instead, through timm's `pretrai
 adapting the classifier when `num_classes` differs; `checkpoint_path` (--initial-checkpoint)
 loads a checkpoint's weights strictly after initialisation (timm's `load_checkpoint`: a plain
 state dict, or a dict with `state_dict_ema`, `state_dict` or `model`; ours have `model`).
+
+`blurpool` applies model.blurpool.apply_blurpool after the pretrained weights are in (they keep
+their values inside the wrappers) and before `checkpoint_path` is loaded (whose keys must then
+have the wrappers' names, as checkpoints of a --blurpool run do).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 from torch import nn
 
 from common.errors import CheckpointError, ConfigError
+from model.blurpool import apply_blurpool
 
 DEFAULT_MODEL = "gluon_resnet50_v1b"
 
@@ -37,7 +42,7 @@ def _first_line(e: BaseException) -> str:
 def create_model(name: str = DEFAULT_MODEL, num_classes: int = 1000, zero_init_last: bool = True,
                  channels_last: bool = True, device=None, pretrained: bool = False,
                  pretrained_path: str | None = None, checkpoint_path: str | None = None,
-                 **kwargs) -> nn.Module:
+                 blurpool: bool = False, **kwargs) -> nn.Module:
     """Build `name` from timm; `**kwargs` go to timm.create_model (e.g. drop_path_rate).
 
     zero_init_last zeroes the last BN gamma of every residual block (timm ResNets accept it;
@@ -70,12 +75,15 @@ def create_model(name: str = DEFAULT_MODEL, num_classes: int = 1000, zero_init_l
         if not build["pretrained"]:
             raise
         raise _weights_error(name, pretrained_path, e) from None
+    if blurpool:
+        apply_blurpool(model)
     if checkpoint_path:
         try:
             timm.models.load_checkpoint(model, checkpoint_path, strict=True)
         except Exception as e:  # torch.load's and load_state_dict's many error types
+            hint = "; the checkpoint and the model differ in --blurpool" if "blur_filter" in str(e) else ""
             raise CheckpointError(f"--initial-checkpoint {checkpoint_path} does not fit {name} with "
-                                  f"{num_classes} classes: {_first_line(e)}") from None
+                                  f"{num_classes} classes: {_first_line(e)}{hint}") from None
     dev = _to_torch_device(device)
     if dev is not None or channels_last:
         model = model.to(device=dev, memory_format=torch.channels_last if channels_last else None)

@@ -4,13 +4,29 @@ import math
 import os
 
 import pytest
+import timm
+import torch
+import torch.nn.functional as F
 
+import train_stream
 from common.errors import ConfigError
 from engine.config import parse_args
+from engine.data import make_data
+from engine.dist import setup_distributed
+from engine.trainer import Trainer
+from model.blurpool import BlurPoolConv2d, apply_blurpool
 from model.schedule import ScheduleConfig, lr_at, scale_lr, total_epochs, total_steps
 from pipeline.resolution import ResolutionSchedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--model", "resnet10t", "--img-size", "32", "-b", "8", "-j", "1", "--log-interval", "1",
+         "--warmup-epochs", "1", "--lr", "0.05", "--shuffle-buffer", "16", "--device", "cpu"]
+
+
+def make_trainer(argv):
+    args = parse_args(argv)
+    d = setup_distributed(args.device, args.device_id, args.local_rank)
+    return Trainer(args, d, make_data(args, d))
 
 
 # ---------------------------------------------------------------- FFCV's formulas, copied
@@ -163,3 +179,106 @@ def test_resolution_without_progressive_resizing_is_img_size():
 def test_fast_flag_errors(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_args(argv)
+
+
+# ---------------------------------------------------------------- BlurPool
+class FFCVBlurPoolConv2d(torch.nn.Module):
+    """ffcv-imagenet train_imagenet.py @ 606c584 l.115-126, verbatim but for `ch` -> `torch`."""
+
+    def __init__(self, conv):
+        super().__init__()
+        default_filter = torch.tensor([[[[1, 2, 1], [2, 4, 2], [1, 2, 1]]]]) / 16.0
+        filt = default_filter.repeat(conv.in_channels, 1, 1, 1)
+        self.conv = conv
+        self.register_buffer('blur_filter', filt)
+
+    def forward(self, x):
+        blurred = F.conv2d(x, self.blur_filter, stride=1, padding=(1, 1),
+                           groups=self.conv.in_channels, bias=None)
+        return self.conv.forward(blurred)
+
+
+def test_blurpool_on_resnet50_keeps_shape_and_parameters_and_wraps_ffcvs_six_convs():
+    torch.manual_seed(0)
+    model = timm.create_model("gluon_resnet50_v1b", num_classes=10).eval()
+    count = sum(p.numel() for p in model.parameters())
+    assert count == 25_557_032 - 1000 * 2048 - 1000 + 10 * 2048 + 10
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        wrapped = apply_blurpool(model)
+        after = model(x)
+    assert wrapped == [f"layer{i}.0.{c}" for i in (2, 3, 4) for c in ("conv2", "downsample.0")]
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert after.shape == before.shape == (2, 10) and not torch.allclose(after, before, atol=1e-3)  # it blurs
+    for name in wrapped:  # each wrapper computes FFCV's BlurPoolConv2d
+        ours = model.get_submodule(name)
+        theirs = FFCVBlurPoolConv2d(ours.conv)
+        y = torch.randn(1, ours.conv.in_channels, 16, 16)
+        torch.testing.assert_close(ours(y), theirs(y), rtol=0, atol=0)
+    assert {k for k in model.state_dict() if "blur" in k} == {f"{n}.blur_filter" for n in wrapped}
+
+
+def test_blurpool_checkpoints_load_into_timm_as_documented(tmp_path, capsys):
+    """Off: a plain timm model loads the weights (tests/test_train.py). On: the keys carry the
+    wrappers; timm.create_model + apply_blurpool loads them, a plain model refuses them, and
+    --initial-checkpoint says why."""
+    trainer = make_trainer(["--synthetic", *SMALL, "--blurpool"])
+    assert sum(isinstance(m, BlurPoolConv2d) for m in trainer.plain.modules()) == 3  # resnet10t
+    images, labels = next(iter(trainer.data.feed(trainer.data.train)))
+    trainer.step(images, labels, 0)
+    state = trainer.plain.state_dict()
+    model = timm.create_model("resnet10t", num_classes=1000)
+    with pytest.raises(RuntimeError, match="blur_filter"):
+        model.load_state_dict(state)
+    apply_blurpool(model)
+    model.load_state_dict(state)
+    path = tmp_path / "w.pth"
+    torch.save(state, path)
+    code = train_stream.main(["--synthetic", *SMALL, "--initial-checkpoint", str(path), "--epochs", "1",
+                              "--perf-steps", "1", "--perf-warmup", "0", "--performance"])
+    err = capsys.readouterr().err
+    assert code == 2 and "differ in --blurpool" in err and len(err.strip().splitlines()) == 1
+    assert make_trainer(["--synthetic", *SMALL, "--blurpool", "--initial-checkpoint", str(path)])
+
+
+# ---------------------------------------------------------------- validation size, crop, flip TTA
+def test_val_res_and_val_crop_pct_set_the_eval_transform(demo_shards):
+    """The validation batches are timm's eval transform at --val-res/--val-crop-pct (FFCV's
+    validation.resolution 256 with DEFAULT_CROP_RATIO 224/256), the training ones stay at --img-size."""
+    from pipeline.info import load_info
+    from pipeline.shards import iter_samples, open_shard
+    from pipeline.stream import image_and_label
+    from pipeline.transforms import EvalTransform
+    args = parse_args(["--data_path", str(demo_shards), *SMALL, "--val-res", "48", "--val-crop-pct", "0.5",
+                       "-vb", "4"])
+    data = make_data(args, setup_distributed("cpu"))
+    data.val.set_epoch(0)
+    images, labels = next(iter(data.val))
+    assert images.shape == (4, 48, 48, 3)
+    with open_shard(load_info(str(demo_shards)).split("validation").urls[0]) as f:
+        samples = [image_and_label(s) for s, _ in zip(iter_samples(f), range(4))]
+    want = torch.empty(4, 48, 48, 3, dtype=torch.uint8)
+    for i, (jpeg, _) in enumerate(samples):
+        EvalTransform(48, 0.5, "bicubic")(jpeg, want[i])
+    assert torch.equal(images, want) and labels.tolist() == [label for _, label in samples]
+    data.train.set_epoch(0)
+    assert next(iter(data.train))[0].shape == (8, 32, 32, 3)
+
+
+def test_val_tta_flip_sums_the_logits_of_both_views(demo_shards):
+    """Top-1/top-5 of the summed logits (FFCV's val_loop), the loss of their mean."""
+    trainer = make_trainer(["--data_path", str(demo_shards), *SMALL, "--val-tta", "flip", "-j", "0"])
+    model = trainer.plain.eval()
+    n, loss, top1 = 0, 0.0, 0
+    trainer.data.val.set_epoch(0)
+    with torch.no_grad():
+        for images, labels in trainer.data.val_feed(trainer.data.val):
+            with trainer.precision.autocast():
+                logits = model(images) + model(torch.flip(images, dims=[3]))
+            loss += F.cross_entropy(logits.float() / 2, labels, reduction="sum").item()
+            top1 += (logits.argmax(1) == labels).sum().item()
+            n += len(labels)
+    result = trainer.validate(0)
+    assert result["n"] == n == sum(trainer.data.val.dataset.lengths) > 0
+    assert result["top1"] == pytest.approx(100 * top1 / n) and result["loss"] == pytest.approx(loss / n, rel=1e-5)
