@@ -36,7 +36,9 @@ def make_shards_main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None, metavar="N", help="processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="train shuffle seed (default: 0)")
     p.add_argument("--resize-max", type=int, default=None, metavar="PX",
-                   help="re-encode images whose longer side exceeds PX (default: keep all)")
+                   help="re-encode images whose longer side exceeds PX, shrunk to PX (default: keep all; FFCV: 500)")
+    p.add_argument("--jpeg-quality", type=int, default=95, metavar="Q",
+                   help="JPEG quality of re-encoded (resized or transcoded) images (default: 95; FFCV: 90)")
     p.add_argument("--name", help="shard name prefix (default: SRC folder name)")
     p.add_argument("--verify", action="store_true", help="check shards, counts and images against _info.json")
     p.add_argument("--overwrite", action="store_true", help="replace an output made with other settings")
@@ -47,7 +49,8 @@ def make_shards_main(argv=None) -> int:
             target = args.src
         else:
             target = make_shards(args.src, args.out, args.max_count, args.workers, args.seed, args.resize_max,
-                                 args.overwrite, args.name, progress=not args.quiet)["out"]
+                                 args.overwrite, args.name, progress=not args.quiet,
+                                 jpeg_quality=args.jpeg_quality)["out"]
             if not args.verify:
                 return 0
         return 0 if verify_shards(target, progress=not args.quiet)["ok"] else 1

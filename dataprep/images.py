@@ -8,7 +8,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.jpeg import jpeg_frame
 
 TRANSCODE, RESIZE = 1, 2  # per-sample flags decided by the scan
-JPEG_QUALITY = 95
+JPEG_QUALITY = 95  # the default of make_shards --jpeg-quality
 
 
 def classify(path, resize_max=None):
@@ -43,13 +43,13 @@ def classify(path, resize_max=None):
     return flags, None
 
 
-def reencode(data, resize_max=None):
-    """RGB JPEG (quality 95) of an image, its longer side shrunk to resize_max if larger."""
+def reencode(data, resize_max=None, quality=JPEG_QUALITY):
+    """RGB JPEG (at `quality`) of an image, its longer side shrunk to resize_max if larger."""
     with Image.open(io.BytesIO(data)) as im:
         if im.format != "JPEG":  # palette and 16-bit images resample badly in their own mode
             im = im.convert("RGB")
         if resize_max and max(im.size) > resize_max:
             im.thumbnail((resize_max, resize_max))  # keeps the aspect ratio; JPEGs decode at reduced scale
         out = io.BytesIO()
-        im.convert("RGB").save(out, "JPEG", quality=JPEG_QUALITY)
+        im.convert("RGB").save(out, "JPEG", quality=quality)
         return out.getvalue()

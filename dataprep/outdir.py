@@ -8,6 +8,8 @@ import re
 
 from common.errors import ShardError
 
+from .images import JPEG_QUALITY
+
 INFO, SKIPPED, STATE = "_info.json", "_skipped.tsv", ".make_shards.json"
 
 
@@ -65,8 +67,10 @@ def lock(out):
 
 
 def _settings_change(old, new):
-    changed = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in ("name", "seed", "max_count", "resize_max")
-               if old.get(k) != new[k]]
+    defaults = {"jpeg_quality": JPEG_QUALITY}  # a key written only when it differs from the default
+    changed = [f"{k} {old.get(k, defaults.get(k))!r} -> {new.get(k, defaults.get(k))!r}"
+               for k in ("name", "seed", "max_count", "resize_max", "jpeg_quality")
+               if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))]
     return ", ".join(changed) or "the source files differ"
 
 

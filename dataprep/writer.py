@@ -22,7 +22,7 @@ from common.errors import ShardError
 from common.host import usable_cores
 from pipeline.shards import tar_end, tar_members, ustar_header
 
-from .images import RESIZE, TRANSCODE, classify, reencode
+from .images import JPEG_QUALITY, RESIZE, TRANSCODE, classify, reencode
 from .listing import list_source
 from .outdir import INFO, SKIPPED, STATE, lock, own_files, prepare, remove, tmp_path, write_atomic
 from .report import bar, print_list
@@ -77,7 +77,7 @@ def _copy_into(out, f, size):
 
 def _write_shard(job):
     """Write one whole shard under a temporary name, then rename it: a shard file is always complete."""
-    out, src, filename, classes, resize_max, start, samples = job
+    out, src, filename, classes, (resize_max, quality), start, samples = job
     path = os.path.join(out, filename)
     tmp = tmp_path(path)
     try:
@@ -88,7 +88,7 @@ def _write_shard(job):
                 with _open_source(src, rel) as source:
                     if flags:
                         try:
-                            data = reencode(source.read(), resize_max)
+                            data = reencode(source.read(), resize_max, quality)
                         except Exception as e:
                             raise ShardError(f"cannot convert {rel} (changed since the scan?): {e}") from None
                     size = len(data) if flags else os.fstat(source.fileno()).st_size
@@ -182,7 +182,7 @@ def _summary(out, info, seconds, up_to_date, reused=0):
 
 
 def make_shards(src, out=None, max_count=1250, workers=None, seed=0, resize_max=None,
-                overwrite=False, name=None, progress=True):
+                overwrite=False, name=None, progress=True, jpeg_quality=JPEG_QUALITY):
     """Build (or resume, or confirm up to date) the shards of SRC in OUT; returns a summary dict."""
     start = time.monotonic()
     src = os.path.abspath(src)
@@ -193,9 +193,13 @@ def make_shards(src, out=None, max_count=1250, workers=None, seed=0, resize_max=
         raise ShardError(f"shard name {name!r} may only hold letters, digits and . _ + -; pass --name")
     if max_count < 1 or workers < 1 or (resize_max is not None and resize_max < 1):
         raise ShardError("--max-count, --workers and --resize-max must be positive")
+    if not 1 <= jpeg_quality <= 100:
+        raise ShardError(f"--jpeg-quality must be in 1..100 (got {jpeg_quality})")
     listing = list_source(src)
     settings = {"name": name, "seed": seed, "max_count": max_count, "resize_max": resize_max,
                 "tool_version": TOOL_VERSION, "classes": listing["classes"]}
+    if jpeg_quality != JPEG_QUALITY:  # only then: outputs made before the option keep their fingerprint
+        settings["jpeg_quality"] = jpeg_quality
     settings["fingerprint"] = hashlib.sha256(
         (json.dumps(settings, sort_keys=True) + listing["digest"]).encode()).hexdigest()
     try:
@@ -229,7 +233,8 @@ def _build(src, out, listing, settings, workers, progress, start):
             raise ShardError(f"no usable images in {src} ({len(skipped)} skipped)")
         plan = _plan(good, settings["name"], settings["seed"], settings["max_count"])
         write_atomic(os.path.join(out, STATE), json.dumps(settings))  # shards in out now belong to these settings
-        reused = _write_all(pool, src, out, listing["classes"], settings["resize_max"], plan, progress)
+        encoding = (settings["resize_max"], settings.get("jpeg_quality", JPEG_QUALITY))
+        reused = _write_all(pool, src, out, listing["classes"], encoding, plan, progress)
     except BaseException:
         if pool is not None:
             pool.terminate()  # workers killed mid-shard leave temporaries: remove them
@@ -270,11 +275,12 @@ def _info_json(src, listing, settings, plan, counts):
                              "num_samples": sum(lengths), "alt_label": None}
     return {"name": settings["name"], "splits": splits, "classes": listing["classes"],
             "num_classes": len(listing["classes"]), "seed": settings["seed"], "max_count": settings["max_count"],
-            "resize_max": settings["resize_max"], "source": src, "tool": "make_shards",
+            "resize_max": settings["resize_max"], "jpeg_quality": settings.get("jpeg_quality", JPEG_QUALITY),
+            "source": src, "tool": "make_shards",
             "tool_version": TOOL_VERSION, "counts": counts, "fingerprint": settings["fingerprint"]}
 
 
-def _write_all(pool, src, out, classes, resize_max, plan, progress):
+def _write_all(pool, src, out, classes, encoding, plan, progress):
     """Write every planned shard that is not already there; returns how many were reused."""
     jobs, reused, total = [], 0, 0
     for shards in plan.values():
@@ -283,7 +289,7 @@ def _write_all(pool, src, out, classes, resize_max, plan, progress):
             if os.path.exists(os.path.join(out, filename)):
                 reused += 1  # renamed into place only when complete, with the same settings
             else:
-                jobs.append((out, src, filename, classes, resize_max, start, samples))
+                jobs.append((out, src, filename, classes, encoding, start, samples))
     written = sum(len(job[-1]) for job in jobs)
     t0, nbytes = time.monotonic(), 0
     with bar(progress, total=total, initial=total - written, desc="write", unit="img") as b:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from common.errors import ShardError
 from dataprep import make_shards, verify_shards
+from dataprep.cli import make_shards_main
 from dataprep.demo import make_demo_data
 from dataprep.outdir import INFO, SKIPPED, STATE
 from dataprep.writer import sample_key
@@ -414,6 +415,40 @@ def test_resize_max(tmp_path):
                     assert s["jpg"] == original or "_odd_cmyk" in s["meta"]["path"]
     assert 0 < resized == sum(c["resized"] for c in info["counts"].values())
     assert info["resize_max"] == 60
+
+
+def test_jpeg_quality_of_resized_images(tmp_path, capsys):
+    """--jpeg-quality sets the quantisation tables of the re-encoded images (those of Pillow at
+    that quality); images kept as they are keep their bytes; another quality is another setting."""
+    src = tmp_path / "small"
+    make_demo_data(src, num_classes=2, train_per_class=6, val_per_class=1, image_size=(64, 48), odd_images=False)
+
+    def tables(quality):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, "JPEG", quality=quality)
+        return Image.open(buf).quantization
+
+    for quality in (95, 60):
+        out = tmp_path / f"q{quality}"
+        extra = {} if quality == 95 else {"jpeg_quality": quality}
+        make_shards(src, out, resize_max=60, workers=1, progress=False, **extra)
+        samples = [s for ss in read_shards(out).values() for s in ss]
+        assert samples and json.loads((out / INFO).read_text())["jpeg_quality"] == quality
+        resized = 0
+        for s in samples:
+            original = (src / s["meta"]["path"]).read_bytes()
+            if max(Image.open(io.BytesIO(original)).size) > 60:
+                resized += 1
+                assert Image.open(io.BytesIO(s["jpg"])).quantization == tables(quality)
+            else:
+                assert s["jpg"] == original
+        assert resized > 0
+    assert tables(95) != tables(60)
+    with pytest.raises(ShardError, match=r"jpeg_quality 60 -> 90"):
+        make_shards(src, tmp_path / "q60", resize_max=60, workers=1, progress=False, jpeg_quality=90)
+    assert make_shards(src, tmp_path / "q95", resize_max=60, workers=1, progress=False)["up_to_date"]
+    code = make_shards_main([str(src), "--out", str(tmp_path / "bad"), "--jpeg-quality", "0", "--quiet"])
+    assert code == 1 and "--jpeg-quality must be in 1..100" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- image checks
