@@ -282,3 +282,27 @@ def test_val_tta_flip_sums_the_logits_of_both_views(demo_shards):
     result = trainer.validate(0)
     assert result["n"] == n == sum(trainer.data.val.dataset.lengths) > 0
     assert result["top1"] == pytest.approx(100 * top1 / n) and result["loss"] == pytest.approx(loss / n, rel=1e-5)
+
+
+# ---------------------------------------------------------------- configs/fast_*.yaml
+@pytest.mark.parametrize("epochs", [16, 24, 40, 88])
+def test_fast_configs_mirror_ffcvs_rn50_configs(epochs):
+    """Each value as rn50_configs/rn50_{E}_epochs.yaml (@ 5bab20e) and train_imagenet.py's
+    defaults set it; the LR at 8 x 512 is FFCV's 1.7; the per-epoch sizes are get_resolution's."""
+    args = parse_args(["-c", os.path.join(ROOT, "configs", f"fast_{epochs}ep.yaml")])
+    start, end = RN50_RAMPS[epochs]
+    want = dict(model="gluon_resnet50_v1b", batch_size=512, epochs=epochs, sched="linear-step",
+                sched_on_updates=True, lr_peak_epoch=2, opt="momentum", momentum=0.9, weight_decay=1e-4,
+                smoothing=0.1, min_res=160, max_res=192, start_ramp=start, end_ramp=end, blurpool=True,
+                val_res=256, val_crop_pct=224 / 256, val_tta="flip", validation_batch_size=512,
+                color_jitter=0.0, zero_init_last=False, lr=None, aa=None, mixup=0.0, cutmix=0.0, reprob=0.0,
+                model_ema=False, train_interpolation="bilinear", interpolation="bilinear")
+    assert {k: getattr(args, k) for k in want} == want
+    assert scale_lr(args.lr_base, 8 * args.batch_size, args.lr_base_size) == 1.7
+    res = ResolutionSchedule.from_args(args)
+    assert [res.at(e) for e in range(epochs)] == [ffcv_get_resolution(e, 160, 192, end, start) for e in range(epochs)]
+    cfg = ScheduleConfig(1.7, args.epochs, 312, sched=args.sched, on_updates=args.sched_on_updates,
+                         peak_epoch=args.lr_peak_epoch)
+    for e in (0, 1, 2, epochs // 2, epochs - 1):
+        for ix in (0, 155, 311):
+            assert lr_at(e * 312 + ix, cfg) == ffcv_lr_at(e, ix, 312, 1.7, epochs, 2)
