@@ -13,10 +13,11 @@ import torch.distributed as dist
 
 from common.errors import DataLoadingError
 from model.checkpoint import CheckpointSaver, resume
-from model.factory import create_model
+from model.factory import compile_model, create_model
 from model.optim import OPTIMIZERS, create_optimizer
 from model.precision import resolve_precision
 from model.schedule import LRSchedule, ScheduleConfig, scale_lr, total_epochs
+from pipeline.resolution import ResolutionSchedule
 from pipeline.stream import STATS
 
 from .config import mixup_active
@@ -74,8 +75,10 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.dev.index] if self.dev.is_accelerator else None
             self.model = DDP(self.model, device_ids=ids, gradient_as_bucket_view=True)
-        if args.torchcompile:
-            self.model = torch.compile(self.model, backend=args.torchcompile, mode=args.compile_mode)
+        self.resolution = ResolutionSchedule.from_args(args)
+        if args.torchcompile:  # static shapes: one graph per training size (model.factory.compile_model)
+            self.model = compile_model(self.model, args.torchcompile, args.compile_mode,
+                                       sizes=len(self.resolution.sizes(args.epochs)))
         if mixup_active(args):  # as timm: smoothing is inside the mixed targets
             from timm.loss import SoftTargetCrossEntropy
             self.criterion = SoftTargetCrossEntropy()
@@ -105,7 +108,7 @@ class Trainer:
             os.makedirs(args.output, exist_ok=True)
             with open(os.path.join(args.output, "config.json"), "w") as f:
                 json.dump(vars(args), f, indent=2, default=str)
-        self.metrics.write(kind="config", **{k: v for k, v in vars(args).items()
+        self.metrics.write(kind="config", time=time.time(), **{k: v for k, v in vars(args).items()
                                              if isinstance(v, (int, float, str, bool, type(None)))})
 
     # ------------------------------------------------------------------ one step

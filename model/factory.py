@@ -95,3 +95,19 @@ def _weights_error(name: str, path: str | None, e: Exception) -> ConfigError:
         return ConfigError(f"cannot load --pretrained-path {path} into {name}: {_first_line(e)}")
     return ConfigError(f"cannot obtain pretrained weights for {name} (no network or hub cache?): "
                        f"{type(e).__name__}; pass a local file with --pretrained-path FILE")
+
+
+def compile_model(model: nn.Module, backend: str = "inductor", mode: str | None = None, sizes: int = 1) -> nn.Module:
+    """torch.compile with static shapes: one graph per input size, each compiled once.
+
+    A run with progressive resizing trains at a few sizes (`sizes`, 2 for FFCV's recipes), each
+    for whole epochs. Static graphs keep inductor's kernels specialised and are what CUDA graphs
+    (mode="reduce-overhead") need; torch's default would compile a static graph at the first
+    size and a dynamic-shape graph at the second, used for the rest of the run. The recompile
+    limit is raised to fit every size (tools/bench_resolution.py compile counts the graphs).
+    """
+    import torch._dynamo
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), sizes + 1))
+    return torch.compile(model, backend=backend, mode=mode, dynamic=False)
