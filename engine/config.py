@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aa", default=None, metavar="POLICY",
                    help="RandAugment policy, e.g. rand-m9-mstd0.5, in the workers (turns colour jitter off)")
     g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability per image")
-    g.add_argument("--remode", default="pixel", choices=("pixel", "rand", "const"), help="random erasing fill")
+    g.add_argument("--remode", default="const", choices=("pixel", "rand", "const"),
+                   help="random erasing fill (the port's train.py l.210: const; timm 1.0: pixel)")
     g.add_argument("--recount", type=int, default=1, help="random erasing: at most this many boxes")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha; > 0 turns mixup on")
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha; > 0 turns cutmix on")
@@ -90,8 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load these weights after initialisation (weights only; --resume continues a run)")
     g.add_argument("--drop-path", type=float, default=None, help="drop path (stochastic depth) rate")
     g.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes")
-    g.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),
-                   help="after each epoch, average (reduce) or copy rank 0's (broadcast) BN statistics; '': neither")
+    g.add_argument("--dist-bn", default="", choices=("reduce", "broadcast", ""),
+                   help="after each epoch, average (reduce) or copy rank 0's (broadcast) BN statistics; '': "
+                        "neither, per-rank statistics as the port's train.py (l.252; timm 1.0: reduce)")
+    g.add_argument("--ddp-broadcast-buffers", action=argparse.BooleanOptionalAction, default=False,
+                   help="DDP copies rank 0's buffers (BN statistics) before every forward "
+                        "(the port: off; timm 1.0: on)")
     g.add_argument("--model-ema", action="store_true", help="keep, validate and save an EMA of the weights")
     g.add_argument("--model-ema-decay", type=float, default=0.9998)
     g.add_argument("--model-ema-warmup", action="store_true", help="timm's EMA decay warmup")

@@ -72,7 +72,8 @@ class Trainer:
         if d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.dev.index] if self.dev.is_accelerator else None
-            self.model = DDP(self.model, device_ids=ids, gradient_as_bucket_view=True)
+            self.model = DDP(self.model, device_ids=ids, gradient_as_bucket_view=True,
+                             broadcast_buffers=args.ddp_broadcast_buffers)
         if args.torchcompile:
             self.model = torch.compile(self.model, backend=args.torchcompile, mode=args.compile_mode)
         if mixup_active(args):  # as timm: smoothing is inside the mixed targets

@@ -40,7 +40,8 @@ def test_defaults_are_the_reference_run():
     assert args.lr is None and (args.lr_base, args.lr_base_size, args.lr_base_scale) == (0.2, 256, "")
     assert scale_lr(args.lr_base, 8 * args.batch_size, args.lr_base_size) == pytest.approx(1.6)  # 8p script
     assert scale_lr(args.lr_base, 1 * args.batch_size, args.lr_base_size) == pytest.approx(0.2)  # 1p script
-    assert args.aa is None and args.remode == "pixel" and not args.model_ema and args.dist_bn == "reduce"
+    assert args.aa is None and args.remode == "const" and not args.model_ema and args.dist_bn == ""
+    assert not args.ddp_broadcast_buffers  # the port: NativeDDP(..., broadcast_buffers=False)
 
 
 @pytest.mark.parametrize("name,world,lr", [("reference_8p.yaml", 8, 1.6), ("reference_1p.yaml", 1, 0.2)])
