@@ -5,7 +5,6 @@ import os
 from dataclasses import dataclass
 
 from common.errors import ConfigError, DataError
-from common.host import default_workers
 from pipeline.info import check_local_shards, load_info
 from pipeline.loader import BatchLoader, create_loader
 from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize
@@ -13,6 +12,7 @@ from pipeline.synthetic import SyntheticBatches
 
 from .config import DEMO, build_parser
 from .dist import Dist
+from .runtime import resolve_workers
 
 
 @dataclass
@@ -22,6 +22,7 @@ class Data:
     num_classes: int
     feed: DevicePrefetcher  # train batches -> normalised device tensors
     val_feed: DevicePrefetcher
+    workers: int | None = None  # loader workers per process (None: synthetic data)
 
 
 def prepare_demo(args, d: Dist) -> None:
@@ -67,7 +68,7 @@ def make_data(args, d: Dist) -> Data:
         raise DataError(f"{args.data_path}: _info.json has no class list or num_classes")
     split = info.split("train")
     check_local_shards(split)
-    workers = args.workers if args.workers is not None else default_workers(d.local_world)
+    workers = resolve_workers(args.workers, d.local_world)
     common = dict(batch_size=args.batch_size, img_size=args.img_size, num_workers=workers,
                   seed=args.seed, world_size=d.world, rank=d.rank, decoder=args.decode,
                   crop_pct=args.crop_pct, pin_memory=dev.pin_memory(),
@@ -86,4 +87,4 @@ def make_data(args, d: Dist) -> Data:
         val = create_loader(vsplit, train=False, eval_interpolation=args.interpolation, **common)
     d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
           f"{len(train)} steps/epoch/rank, {workers} workers/rank, decode {args.decode}")
-    return Data(train, val, num_classes, feed, val_feed)
+    return Data(train, val, num_classes, feed, val_feed, workers)

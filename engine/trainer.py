@@ -13,13 +13,13 @@ from common.errors import DataLoadingError
 from model.checkpoint import CheckpointSaver, resume
 from model.factory import create_model
 from model.optim import create_optimizer
-from model.precision import resolve_precision
 from model.schedule import DEFAULT_BASE_LR_PER_256, LRSchedule, ScheduleConfig, scale_lr, total_epochs
 from pipeline.stream import STATS
 
 from .data import Data
 from .dist import Dist
 from .metrics import Metrics
+from .runtime import compute_settings, precision_for
 
 
 class Trainer:
@@ -32,7 +32,7 @@ class Trainer:
         self.lr = args.lr if args.lr is not None else scale_lr(DEFAULT_BASE_LR_PER_256, args.batch_size * d.world)
         self.optimizer, opt_desc = create_optimizer(self.model, self.lr, args.momentum, args.weight_decay,
                                                     args.nesterov, self.dev, apex=args.apex_amp)
-        self.precision = resolve_precision(self.dev, args.amp, args.amp_dtype, args.apex_amp)
+        self.precision = precision_for(args, self.dev)
         self.model, self.optimizer = self.precision.prepare(self.model, self.optimizer)
         self.sched_cfg = ScheduleConfig(self.lr, args.epochs, self.steps_per_epoch, sched=args.sched,
                                         warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
@@ -215,5 +215,6 @@ class Trainer:
             "compile": args.torchcompile, "compile_mode": args.compile_mode, "seconds": round(elapsed, 3),
             "final_loss": round(float(last), 4),
             "peak_mem_gb": round(self.dev.max_memory_allocated() / 2**30, 3),
-            "torch": torch.__version__,
+            "torch": torch.__version__, "num_classes": self.data.num_classes, "workers": self.data.workers,
+            "settings": compute_settings(self.dev, self.precision, args.channels_last),
         }

@@ -1,4 +1,6 @@
-"""The benchmark tools run end to end on the CPU and print the JSON they promise.
+"""The benchmark tools run end to end on the CPU, print the JSON they promise, and compare like
+with like: each runs in its smallest mode with the CPU's fast bf16 forced off and on (the
+`cpu_bf16` fixture), and both sides of every ratio must report the same settings.
 
 No timing is asserted: these tests only check that each tool measures what it says it does.
 """
@@ -11,25 +13,41 @@ import pytest
 
 pytestmark = pytest.mark.slow  # each runs a tool in a subprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 
 def run_tool(*args, timeout=300):
+    # os.environ carries the cpu_bf16 fixture's STREAM_CPU_BF16 into the tool
     p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1]), p.stdout
 
 
-def test_bench_loader_reports_ratio_to_ceiling_and_timm(demo_shards):
+def test_bench_loader_compares_rows_with_the_same_settings(demo_shards, cpu_bf16):
     result, out = run_tool("tools/bench_loader.py", "--data_path", str(demo_shards), "-j", "1", "-b", "8",
                            "--img-size", "32", "--steps", "3", "--warmup", "1", "--ceiling-seconds", "0.5",
-                           "--vs-timm", "--epochs", "2")
-    assert result["img_per_s"] > 0 and result["ceiling_img_per_s"] > 0
+                           "--loader", "ours", "--decode", "cpu", "gpu", "--vs-timm", "--epochs", "2")
+    rows = result["rows"]
+    assert result["host"]["fast_bf16"] is cpu_bf16 and result["host"]["fast_bf16_forced"]
+    ours, timm, ceiling = rows["ours-cpu"], rows["timm"], rows["ceiling"]
+    assert ours["img_per_s"] > 0 and timm["img_per_s"] > 0 and ceiling["img_per_s"] > 0
+    # each side names what it ran; workers are read back from the loaders themselves
+    for row in (ours, timm):
+        s = row["settings"]
+        assert (s["workers"], s["cores"], s["batch_size"], s["img_size"]) == (1, 1, 8, 32)
+        assert s["output"] == "uint8 NHWC"
+    assert ours["settings"]["decoder"] == ceiling["settings"]["decoder"] == "torchvision"
+    assert timm["settings"]["decoder"] == "PIL"
     # the tool divides unrounded rates; the printed rates are rounded
-    assert result["ratio"] == pytest.approx(result["img_per_s"] / result["ceiling_img_per_s"], abs=2e-3)
-    assert result["cores_used"] == 1 and result["images"] == 3 * 8
-    assert result["timm_img_per_s"] > 0 and len(result["worker_rss_mb_per_epoch"]) == 1
-    assert "ours/timm" in out
+    ratios = result["ratios"]
+    assert ratios["ours-cpu/ceiling"] == pytest.approx(ours["img_per_s"] / ceiling["img_per_s"], abs=2e-3)
+    assert ratios["ours-cpu/timm"] == pytest.approx(ours["img_per_s"] / timm["img_per_s"], abs=2e-3)
+    assert ours["images"] == 3 * 8 and len(ours["stats"]["worker_rss_mb_per_epoch"]) == 1
+    # GPU decoding without a GPU only ships JPEG bytes: no ratio against decoded pixels
+    assert "ours-gpu/ceiling" not in ratios and "ours-gpu/timm" not in ratios
+    assert "decoder" in result["refused"]["ours-gpu/ceiling"] and "output" in result["refused"]["ours-gpu/timm"]
+    assert "ours-gpu/timm: no ratio: ours-gpu and timm differ in output" in out
 
 
 def test_bench_loader_clear_error_without_info(tmp_path):
@@ -38,25 +56,77 @@ def test_bench_loader_clear_error_without_info(tmp_path):
     assert p.returncode == 2 and "no _info.json" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_bench_overhead_compares_both_loops():
+def test_bench_overhead_both_sides_resolve_precision_alike(cpu_bf16):
     result, out = run_tool("tools/bench_overhead.py", "--model", "resnet10t", "--img-size", "32", "-b", "4",
                            "--steps", "2", "--warmup", "1", "--rounds", "1")
-    assert result["bare_img_per_s"] > 0 and result["train_stream_img_per_s"] > 0
+    bare, ours = result["sides"]["bare"], result["sides"]["train_stream"]
+    assert bare == ours
+    # train_stream's own choice: bf16 autocast only where bf16 is fast, else float32
+    assert ours["amp_dtype"] == ("bfloat16" if cpu_bf16 else "float32") and ours["fast_bf16"] is cpu_bf16
+    assert ours["threads"] == 1 and ours["channels_last"] is True and ours["num_classes"] == 1000
+    assert result["host"]["fast_bf16"] is cpu_bf16
     assert result["overhead"] == pytest.approx(result["bare_img_per_s"] / result["train_stream_img_per_s"] - 1,
                                                abs=2e-3)
-    assert "round 0" in out
+    assert "round 0" in out and "refused" not in result
 
 
-def test_gpu_bench_tiny_runs_every_stage_on_the_cpu(tmp_path):
+def test_bench_overhead_refuses_a_ratio_when_the_sides_differ(monkeypatch, capsys):
+    """The issue's case the other way round: train_stream sees fast bf16, the bare loop does not."""
+    import bench_overhead
+
+    from model.device import CPU_BF16_ENV
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    real_ours = bench_overhead.ours
+
+    def ours_with_bf16(args):
+        monkeypatch.setenv(CPU_BF16_ENV, "1")
+        try:
+            return real_ours(args)
+        finally:
+            monkeypatch.setenv(CPU_BF16_ENV, "0")
+    monkeypatch.setattr(bench_overhead, "ours", ours_with_bf16)
+    assert bench_overhead.main(["--model", "resnet10t", "--img-size", "32", "-b", "2", "--steps", "1",
+                                "--warmup", "0", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["overhead"] is None
+    assert result["refused"].startswith("bare and train_stream differ in amp_dtype (float32 vs bfloat16)")
+    assert "no overhead ratio: bare and train_stream differ in amp_dtype" in out and "per-step overhead" not in out
+
+
+def test_bench_make_shards_compares_the_same_images(tmp_path, cpu_bf16):
+    result, out = run_tool("tools/bench_make_shards.py", "--images", "40", "--repeats", "1",
+                           "--workdir", str(tmp_path))
+    assert result["host"]["fast_bf16"] is cpu_bf16
+    for row in result["sizes"].values():
+        tar, ours = row["sides"]["tar"], row["sides"]["make_shards"]
+        assert ours["images"] == tar["images"] == row["images"] > 0 and ours["skipped"] == ours["transcoded"] == 0
+        assert ours["processes"] == result["workers"] == len(os.sched_getaffinity(0))
+        assert row["ratio"] == pytest.approx(row["make_shards_s"] / row["tar_s"], abs=0.01 * row["ratio"] + 0.01)
+    assert not result["refused"]
+
+
+@pytest.fixture(scope="module")
+def gpu_bench_data(tmp_path_factory):
+    return tmp_path_factory.mktemp("gpu_bench")  # shards built by the first run, reused by the second
+
+
+def test_gpu_bench_tiny_runs_every_stage_on_the_cpu(tmp_path, gpu_bench_data, cpu_bf16):
     out_json = tmp_path / "gb.json"
-    headline, out = run_tool("tools/gpu_bench.py", "--tiny", "--out", str(out_json),
-                             "--data-dir", str(tmp_path / "d"))
+    headline, out = run_tool("tools/gpu_bench.py", "--tiny", "--out", str(out_json), "--data-dir", str(gpu_bench_data))
     results = json.loads(out_json.read_text())
-    assert headline["e2e_fps"] == results["e2e"]["fps"] and headline["device"] == "cpu"
+    assert headline["device"] == "cpu" and headline["fast_bf16"] is cpu_bf16
     assert results["env"]["device"] == "cpu" and results["env"]["torch"]
-    assert results["compute"]["eager"]["fps"] > 0 and results["compute"]["eager"]["synthetic"] is True
-    assert results["loader"]["cpu"]["img_per_s"] > 0 and results["loader"]["gpu"]["img_per_s"] > 0
-    e2e = results["e2e"]
-    assert e2e["fps"] > 0 and e2e["synthetic"] is False and e2e["decode"] in ("cpu", "gpu")
-    assert results["e2e_over_compute"] == pytest.approx(e2e["fps"] / results["compute"]["eager"]["fps"], abs=2e-3)
-    assert "end-to-end / compute-only" in out
+    compute = results["compute"]["eager"]
+    assert compute["fps"] > 0 and compute["synthetic"] is True
+    assert results["loader"]["ours-cpu"]["img_per_s"] > 0 and results["loader"]["ours-gpu"]["img_per_s"] > 0
+    (name, e2e), = results["e2e"].items()
+    assert name == "ours-cpu" and e2e["fps"] > 0 and e2e["synthetic"] is False
+    assert headline[f"e2e_{name}_fps"] == e2e["fps"]
+    # both sides of end-to-end / compute-only ran the same computation, as train_stream resolved it
+    for r in (compute, e2e):
+        assert r["amp_dtype"] == ("bfloat16" if cpu_bf16 else "float32") and r["settings"]["fast_bf16"] is cpu_bf16
+    assert compute["settings"] == e2e["settings"] and compute["num_classes"] == e2e["num_classes"] == 10
+    ratio = results["ratios"]["e2e ours-cpu / compute eager"]
+    assert ratio == pytest.approx(e2e["fps"] / compute["fps"], abs=2e-3) and not results["refused"]
+    assert "e2e ours-cpu / compute eager" in out
