@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--interpolation", default="bicubic", choices=("bilinear", "bicubic"),
                    help="eval resize interpolation")
     g.add_argument("--decode", default="cpu", choices=("cpu", "pil", "gpu"),
-                   help="cpu: torchvision in workers; pil: PIL in workers; gpu: nvJPEG on the device")
+                   help="cpu: torchvision in workers; pil: PIL in workers; gpu: nvJPEG on the device "
+                        "(with --loader dali: DALI's cpu or mixed decoder)")
+    g.add_argument("--loader", default="ours", choices=("ours", "dali"),
+                   help="ours: pipeline/ in DataLoader workers; dali: NVIDIA DALI fed from the same epoch plan "
+                        "(optional: pip install -r requirements-dali.txt)")
     g.add_argument("--shuffle-buffer", type=int, default=2048, help="samples per worker")
     g.add_argument("--prefetch-factor", type=int, default=4, help="batches queued per worker")
     g.add_argument("--use-multi-epochs-loader", action=argparse.BooleanOptionalAction, default=True,
@@ -148,5 +152,7 @@ def check_args(args) -> None:
         raise ConfigError("--apex-amp runs float16 (O2); it cannot be combined with --amp-dtype bfloat16")
     if args.synthetic and args.decode != "cpu":
         raise ConfigError("--synthetic reads no data, so --decode does not apply")
+    if args.loader == "dali" and args.decode == "pil":
+        raise ConfigError("--loader dali decodes with DALI: choose --decode cpu or gpu")
     if not 0 < args.crop_pct <= 1:
         raise ConfigError("--crop-pct must be in (0, 1]")

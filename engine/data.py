@@ -52,7 +52,7 @@ def make_data(args, d: Dist) -> Data:
         prepare_demo(args, d)
     normalize = Normalize(dev.torch, IMAGENET_MEAN, IMAGENET_STD, channels_last=args.channels_last)
     feed = val_feed = DevicePrefetcher(dev, normalize)
-    if args.decode == "gpu":
+    if args.decode == "gpu" and args.loader == "ours":  # DALI's mixed decoder hands over device tensors
         from pipeline.gpu_decode import make_to_device
         feed = DevicePrefetcher(dev, normalize, make_to_device(args.train_interpolation))
         val_feed = DevicePrefetcher(dev, normalize, make_to_device(args.interpolation))
@@ -74,6 +74,8 @@ def make_data(args, d: Dist) -> Data:
                   crop_pct=args.crop_pct, pin_memory=dev.pin_memory(),
                   prefetch_factor=args.prefetch_factor, persistent=args.use_multi_epochs_loader,
                   reuse_buffers=True)  # DevicePrefetcher copies each batch before the next
+    if args.loader == "dali":
+        return _dali_data(args, d, info, split, workers, num_classes, feed, val_feed)
     train = create_loader(split, train=True, shuffle_buffer=args.shuffle_buffer,
                           train_interpolation=args.train_interpolation, **common)
     if len(train) < 1:
@@ -87,4 +89,27 @@ def make_data(args, d: Dist) -> Data:
         val = create_loader(vsplit, train=False, eval_interpolation=args.interpolation, **common)
     d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
           f"{len(train)} steps/epoch/rank, {workers} workers/rank, decode {args.decode}")
+    return Data(train, val, num_classes, feed, val_feed, workers)
+
+
+def _dali_data(args, d: Dist, info, split, workers: int, num_classes: int, feed, val_feed) -> Data:
+    """--loader dali: DALI pipelines fed from the same epoch plan (pipeline/dali.py)."""
+    from pipeline.dali import DaliLoader, dali_missing
+    missing = dali_missing()
+    if missing:
+        raise ConfigError(missing)
+    common = dict(batch_size=args.batch_size, img_size=args.img_size, seed=args.seed, world_size=d.world,
+                  rank=d.rank, num_threads=workers, decode=args.decode, crop_pct=args.crop_pct,
+                  device_id=d.device.index if args.decode == "gpu" else None, pin_memory=d.device.pin_memory())
+    train = DaliLoader(split, train=True, interpolation=args.train_interpolation, **common)
+    if len(train) < 1:
+        raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
+                        f"({args.batch_size} x {d.world} processes); lower -b")
+    val = None
+    has_val = any(name in info.splits for name in ("validation", "val", "valid"))
+    if has_val and not (args.no_val or args.performance):
+        val = DaliLoader(info.split("validation"), train=False, interpolation=args.interpolation, **common)
+    d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
+          f"{len(train)} steps/epoch/rank, DALI ({train.settings()['decoder']}, {workers} threads, "
+          f"{train.py_workers} reader processes)/rank")
     return Data(train, val, num_classes, feed, val_feed, workers)

@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""Loader-only throughput: ours against the machine's decode ceiling, timm's loader.
+"""Loader-only throughput: ours against the machine's decode ceiling, timm's and DALI's loaders.
 
     python tools/bench_loader.py --data_path DIR [-j WORKERS] [-b BATCH] [--steps N]
-                                 [--loader ours timm] [--decode cpu|pil|gpu ...] [--epochs E]
+                                 [--loader ours timm dali] [--decode cpu|pil|gpu ...] [--epochs E]
 
 Every loader named by `--loader` is timed in the same run, on the same shards, with the same
-cores (-j: workers; default train_stream.py's: cores - 1), batch size and train
+cores (-j: workers, or DALI's threads; default train_stream.py's: cores - 1), batch size and train
 augmentation (RandomResizedCrop 0.08-1, 3/4-4/3, + flip, no colour jitter, uint8 output):
   ours      our StreamLoader (pipeline/), once per `--decode` (cpu: torchvision, pil, gpu: nvJPEG)
   timm      timm's `create_loader` on `create_dataset("wds/...")` (PIL), its uint8 fast_collate
             output (the prefetcher is not iterated)
+  dali      NVIDIA DALI fed from our epoch plan (pipeline/dali.py), once per `--decode`
+            (cpu: DALI's cpu decoder, gpu: its mixed nvJPEG decoder); skipped with a note when
+            DALI is not installed (or, for gpu, without CUDA)
 Ceiling: one core decoding + cropping the same images with our CPU transform, in this process,
 times the cores the workers can use. `--rounds R` repeats everything R times, alternating, and
 reports medians (this machine's one-core rate drifts between runs). `--epochs E` runs E short
@@ -157,6 +160,20 @@ def run_timm(args, split, decode, memory_epochs):
     return rate, n, {}, settings(args, "timm", "pil", "cpu", raw.num_workers, decoder="PIL")
 
 
+def run_dali(args, split, decode, memory_epochs):
+    from pipeline.dali import DaliLoader
+    gpu = decode == "gpu"
+    loader = DaliLoader(split, train=True, batch_size=args.batch_size, img_size=args.img_size,
+                        num_threads=args.workers, decode=decode, device_id=torch.cuda.current_device() if gpu else None)
+    try:
+        rate, n = time_batches(loader, args.warmup, args.steps)
+    finally:
+        loader.close()
+    extra = loader.settings()
+    side = settings(args, "dali", decode, "cuda" if gpu else "cpu", extra.pop("threads"), **extra)
+    return rate, n, loader.stats(), side
+
+
 def rows_to_run(args) -> list[tuple[str, str, str]]:
     """(row name, loader, decode) in the order they run each round."""
     rows = []
@@ -173,22 +190,29 @@ def rows_to_run(args) -> list[tuple[str, str, str]]:
 
 def unavailable(loader: str, decode: str) -> str | None:
     """Why a row cannot run on this machine (None: it can)."""
+    if loader == "dali":
+        from pipeline.dali import dali_missing
+        missing = dali_missing()
+        if missing:
+            return missing
+        if decode == "gpu" and not torch.cuda.is_available():
+            return "DALI's mixed decoder needs a CUDA device"
     return None
 
 
-RUNNERS = {"ours": run_ours, "timm": run_timm}
+RUNNERS = {"ours": run_ours, "timm": run_timm, "dali": run_dali}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_path", required=True, help="shard folder with _info.json")
     p.add_argument("-j", "--workers", type=int, default=None,
-                   help="loader workers; default: train_stream.py's (cores - 1)")
+                   help="loader workers (DALI: threads); default: train_stream.py's (cores - 1)")
     p.add_argument("-b", "--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=40, help="measured batches")
     p.add_argument("--warmup", type=int, default=5, help="batches before timing")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--loader", nargs="+", choices=("ours", "timm"), default=["ours"],
+    p.add_argument("--loader", nargs="+", choices=("ours", "timm", "dali"), default=["ours"],
                    help="loaders to time in this run (default: ours)")
     p.add_argument("--decode", nargs="+", choices=("cpu", "pil", "gpu"), default=["cpu"],
                    help="decoders for ours and dali (default: cpu)")
