@@ -211,6 +211,7 @@ class Trainer:
             "world_size": d.world, "device": self.dev.name(), "amp_dtype": self.precision.dtype_name,
             "data_wait_fraction": round(wait / elapsed, 4), "synthetic": bool(args.synthetic),
             "data": "synthetic" if args.synthetic else f"shards, decode {args.decode}",
+            "loader": None if args.synthetic else args.loader,
             "model": args.model, "img_size": args.img_size, "channels_last": args.channels_last,
             "compile": args.torchcompile, "compile_mode": args.compile_mode, "seconds": round(elapsed, 3),
             "final_loss": round(float(last), 4),

@@ -4,6 +4,7 @@ with like: each runs in its smallest mode with the CPU's fast bf16 forced off an
 
 No timing is asserted: these tests only check that each tool measures what it says it does.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # each runs a tool in a subprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None  # make test installs it
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 
@@ -27,7 +29,8 @@ def run_tool(*args, timeout=300):
 def test_bench_loader_compares_rows_with_the_same_settings(demo_shards, cpu_bf16):
     result, out = run_tool("tools/bench_loader.py", "--data_path", str(demo_shards), "-j", "1", "-b", "8",
                            "--img-size", "32", "--steps", "3", "--warmup", "1", "--ceiling-seconds", "0.5",
-                           "--loader", "ours", "--decode", "cpu", "gpu", "--vs-timm", "--epochs", "2")
+                           "--loader", "ours", "dali", "--decode", "cpu", "gpu", "--vs-timm", "--epochs", "2",
+                           "--rounds", "1")
     rows = result["rows"]
     assert result["host"]["fast_bf16"] is cpu_bf16 and result["host"]["fast_bf16_forced"]
     ours, timm, ceiling = rows["ours-cpu"], rows["timm"], rows["ceiling"]
@@ -43,11 +46,18 @@ def test_bench_loader_compares_rows_with_the_same_settings(demo_shards, cpu_bf16
     ratios = result["ratios"]
     assert ratios["ours-cpu/ceiling"] == pytest.approx(ours["img_per_s"] / ceiling["img_per_s"], abs=2e-3)
     assert ratios["ours-cpu/timm"] == pytest.approx(ours["img_per_s"] / timm["img_per_s"], abs=2e-3)
-    assert ours["images"] == 3 * 8 and len(ours["stats"]["worker_rss_mb_per_epoch"]) == 1
+    assert ours["images"] == 3 * 8 and len(ours["worker_rss_mb_per_epoch"]) == 1
     # GPU decoding without a GPU only ships JPEG bytes: no ratio against decoded pixels
     assert "ours-gpu/ceiling" not in ratios and "ours-gpu/timm" not in ratios
     assert "decoder" in result["refused"]["ours-gpu/ceiling"] and "output" in result["refused"]["ours-gpu/timm"]
     assert "ours-gpu/timm: no ratio: ours-gpu and timm differ in output" in out
+    assert rows["dali-gpu"]["skipped"]  # DALI's mixed decoder needs CUDA (or DALI is missing)
+    if HAVE_DALI:
+        dali = rows["dali-cpu"]
+        s = dali["settings"]
+        assert dali["img_per_s"] > 0 and (s["workers"], s["cores"], s["batch_size"], s["img_size"]) == (1, 1, 8, 32)
+        assert s["decoder"] == "DALI cpu" and s["output"] == "uint8 NHWC" and dali["images"] == 3 * 8
+        assert ratios["ours-cpu/dali-cpu"] == pytest.approx(ours["img_per_s"] / dali["img_per_s"], abs=2e-3)
 
 
 def test_bench_loader_clear_error_without_info(tmp_path):
@@ -120,13 +130,17 @@ def test_gpu_bench_tiny_runs_every_stage_on_the_cpu(tmp_path, gpu_bench_data, cp
     compute = results["compute"]["eager"]
     assert compute["fps"] > 0 and compute["synthetic"] is True
     assert results["loader"]["ours-cpu"]["img_per_s"] > 0 and results["loader"]["ours-gpu"]["img_per_s"] > 0
-    (name, e2e), = results["e2e"].items()
-    assert name == "ours-cpu" and e2e["fps"] > 0 and e2e["synthetic"] is False
-    assert headline[f"e2e_{name}_fps"] == e2e["fps"]
-    # both sides of end-to-end / compute-only ran the same computation, as train_stream resolved it
-    for r in (compute, e2e):
-        assert r["amp_dtype"] == ("bfloat16" if cpu_bf16 else "float32") and r["settings"]["fast_bf16"] is cpu_bf16
-    assert compute["settings"] == e2e["settings"] and compute["num_classes"] == e2e["num_classes"] == 10
-    ratio = results["ratios"]["e2e ours-cpu / compute eager"]
-    assert ratio == pytest.approx(e2e["fps"] / compute["fps"], abs=2e-3) and not results["refused"]
-    assert "e2e ours-cpu / compute eager" in out
+    assert set(results["e2e"]) == {"ours-cpu", "dali-cpu"}  # no CUDA: DALI's rows use its cpu decoder
+    assert results["loader"]["dali-gpu"]["skipped"] and "skipped" in out
+    runs = ["ours-cpu", "dali-cpu"] if HAVE_DALI else ["ours-cpu"]
+    for name in runs:
+        e2e = results["e2e"][name]
+        assert e2e["fps"] > 0 and e2e["synthetic"] is False and headline[f"e2e_{name}_fps"] == e2e["fps"]
+        assert e2e["data"] == "shards, decode cpu" and e2e["loader"] == name.split("-")[0]
+        # both sides of end-to-end / compute-only ran the same computation, as train_stream resolved it
+        for r in (compute, e2e):
+            assert r["amp_dtype"] == ("bfloat16" if cpu_bf16 else "float32") and r["settings"]["fast_bf16"] is cpu_bf16
+        assert compute["settings"] == e2e["settings"] and compute["num_classes"] == e2e["num_classes"] == 10
+        ratio = results["ratios"][f"e2e {name} / compute eager"]
+        assert ratio == pytest.approx(e2e["fps"] / compute["fps"], abs=2e-3) and f"e2e {name} / compute eager" in out
+    assert not results["refused"]

@@ -263,6 +263,9 @@ def main(argv=None) -> int:
             if row["loader"] == "ours":
                 memory_epochs = 1  # the memory check runs once, on our first loader
             row["rounds"].append(round(rate, 1))
+            rss = stats.pop("worker_rss_mb_per_epoch", None)
+            if rss:
+                row["worker_rss_mb_per_epoch"] = rss
             row.update(images=n, settings=side, stats={k: v for k, v in stats.items() if v})
             line.append(f"{name} {rate:.1f}")
         print(" ".join(line[:1]) + " " + ", ".join(line[1:]) + " img/s", flush=True)
@@ -276,8 +279,8 @@ def main(argv=None) -> int:
             result["rows"][name] = row
             continue
         med = statistics.median(row["rounds"])
-        result["rows"][name] = dict(img_per_s=round(med, 1), **{k: row[k] for k in ("rounds", "images", "settings",
-                                                                                    "stats")})
+        result["rows"][name] = dict(img_per_s=round(med, 1), **{k: v for k, v in row.items()
+                                                                 if k not in ("loader", "decode")})
         sides[name] = (med, row["settings"])
     if ones:
         one = statistics.median(ones)

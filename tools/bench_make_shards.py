@@ -210,8 +210,9 @@ def main(argv=None):
                 result["refused"][label] = why
         n, n2 = result["sizes"]["n"], result["sizes"]["2n"]
         # Cost of the extra N images alone, without the fixed start-up cost of either tool.
-        if n["ratio"] is not None and n2["ratio"] is not None:
-            result["marginal_ratio"] = round((n2["make_shards_s"] - n["make_shards_s"]) / (n2["tar_s"] - n["tar_s"]), 2)
+        extra_tar = n2["tar_s"] - n["tar_s"]
+        if n["ratio"] is not None and n2["ratio"] is not None and extra_tar > 0:  # tiny runs: tar's times may tie
+            result["marginal_ratio"] = round((n2["make_shards_s"] - n["make_shards_s"]) / extra_tar, 2)
             print(f"marginal ratio (2N minus N): {result['marginal_ratio']:.2f}")
         result["check_us_per_image"] = check_costs(data["n"])
         result["write_us_per_image"] = writer_costs(data["n"])

@@ -8,14 +8,18 @@ Stages (each a subprocess of the project's own tools, so each starts clean):
   data      a few thousand ImageNet-like JPEGs (~500x375) -> shards on local disk
   compute   train_stream.py --synthetic --performance: eager, then torch.compile
             (--cudagraphs adds mode=reduce-overhead, i.e. CUDA graphs)
-  loader    tools/bench_loader.py: our loader with CPU decode on all cores and with nvJPEG
-  e2e       train_stream.py --performance on the shards with the faster of our decoders and
-            the faster compute mode
-and reports the ratio end-to-end / compute-only, peak GPU memory, the card, driver, CPU, torch
-and CUDA versions. Every run resolves device, precision, channels-last, threads and workers as
-train_stream.py does (it is train_stream.py, or bench_loader.py resolving workers the same way),
-and reports them; a ratio is printed only when both sides ran the same settings (same model,
-classes, image size, batch, precision, layout, threads, compile mode), else one line says why.
+  loader    tools/bench_loader.py: our loader with CPU decode on all cores and with nvJPEG, and
+            DALI fed from our plan with its cpu and its mixed (nvJPEG) decoder
+  e2e       train_stream.py --performance on the shards with the faster compute mode: our
+            loader with the faster of our decoders, and --loader dali --decode gpu
+and reports the ratios end-to-end / compute-only and DALI mixed / our CPU decode, peak GPU
+memory, the card, driver, CPU, torch and CUDA versions. The DALI rows need requirements-dali.txt;
+without it they say "skipped" and why. `--tiny` runs every stage on the CPU: the DALI rows then
+use DALI's cpu decoder (its mixed decoder needs CUDA). Every run resolves device, precision,
+channels-last, threads and workers as train_stream.py does (it is train_stream.py, or
+bench_loader.py resolving workers the same way), and reports them; a ratio is printed only when
+both sides ran the same settings (same model, classes, image size, batch, precision, layout,
+threads, compile mode), else one line says why.
 Prints a table, writes everything to --out as JSON, and ends stdout with one JSON line of the
 headline numbers.
 """
@@ -35,7 +39,9 @@ sys.path.insert(0, HERE)
 
 from common.compare import mismatch  # noqa: E402
 from engine.runtime import describe_host, host_facts, resolve_workers  # noqa: E402
+from pipeline.dali import dali_missing  # noqa: E402
 
+LOADER_KEYS = ("cores", "batch_size", "img_size", "augment", "output")  # loader vs loader, as bench_loader
 # what must match between an end-to-end run and the compute-only run it is divided by
 COMPUTE_KEYS = ("device", "amp_dtype", "amp_mode", "channels_last", "threads", "fast_bf16", "cudnn_benchmark",
                 "tf32", "model", "img_size", "batch_size", "num_classes", "compile", "compile_mode")
@@ -147,7 +153,7 @@ def main(argv=None) -> int:
     loader = ["tools/bench_loader.py", "--data_path", data, "-j", str(workers), "-b", str(args.batch_size),
               "--img-size", str(args.img_size), "--steps", str(max(args.steps // 2, 2)),
               "--warmup", str(max(args.warmup // 3, 1)), "--ceiling-seconds", "2" if args.tiny else "5",
-              "--loader", "ours", "--decode", "cpu", "gpu"]
+              "--rounds", "1", "--loader", "ours", "dali", "--decode", "cpu", "gpu"]
     r = run_json(loader, 2 * args.stage_timeout)
     results["loader"] = r.get("rows", {"ours-cpu": r, "ours-gpu": r})  # an error fills both rows
     results["loader_ratios"], results["loader_refused"] = r.get("ratios", {}), r.get("refused", {})
@@ -163,6 +169,22 @@ def main(argv=None) -> int:
     results["e2e"] = {}
     r = run_json([*perf, "--decode", decode, *modes[best_mode]], args.stage_timeout)
     results["e2e"][f"ours-{decode}"] = dict(r, decode=decode, compute_mode=best_mode)
+    dali_decode = "gpu" if cuda else "cpu"  # DALI's mixed decoder needs CUDA
+    missing = dali_missing()
+    if missing:
+        results["e2e"][f"dali-{dali_decode}"] = {"skipped": missing}
+    else:
+        r = run_json([*perf, "--loader", "dali", "--decode", dali_decode, *modes[best_mode]], args.stage_timeout)
+        results["e2e"][f"dali-{dali_decode}"] = dict(r, decode=dali_decode, compute_mode=best_mode)
+    for name, e in results["e2e"].items():
+        print(f"end-to-end {name}: {e.get('fps', e.get('error') or e.get('skipped'))}", flush=True)
+    dali_gpu, ours_cpu = results["loader"].get("dali-gpu", {}), results["loader"].get("ours-cpu", {})
+    if "img_per_s" in dali_gpu and "img_per_s" in ours_cpu:  # the target: DALI mixed >= 2x our CPU decode
+        why = mismatch({"dali-gpu": dali_gpu["settings"], "ours-cpu": ours_cpu["settings"]}, LOADER_KEYS)
+        if why:
+            results["refused"]["loader dali-gpu / ours-cpu"] = why
+        else:
+            results["ratios"]["loader dali-gpu / ours-cpu"] = round(dali_gpu["img_per_s"] / ours_cpu["img_per_s"], 3)
     for name, e in results["e2e"].items():
         base = ok_modes.get(e["compute_mode"])
         if "fps" not in e or base is None:
@@ -202,11 +224,15 @@ def print_table(results: dict) -> None:
         rows.append((f"compute-only, {name}", r.get("fps"), r.get("peak_mem_gb"), note))
     for name, r in results["loader"].items():
         ratio = results["loader_ratios"].get(f"{name}/ceiling")
-        note = r.get("error") or r.get("skipped") or (f"{r['settings']['decoder']}, {r['settings']['cores']} cores"
-                                                      + (f", {ratio} of the CPU ceiling" if ratio else ""))
+        if "img_per_s" in r:
+            s = r["settings"]
+            note = f"{s['decoder']}, {s['cores']} cores" + (f", {ratio} of the CPU ceiling" if ratio else "")
+        else:
+            note = r.get("error") or f"skipped: {r.get('skipped')}"
         rows.append((f"loader-only, {name}", r.get("img_per_s"), None, note))
     for name, e in results["e2e"].items():
-        note = f"{e['compute_mode']}, data wait {e.get('data_wait_fraction')}" if "fps" in e else e.get("error", "")
+        note = (f"{e['compute_mode']}, data wait {e.get('data_wait_fraction')}" if "fps" in e
+                else e.get("error") or f"skipped: {e.get('skipped')}")
         rows.append((f"end-to-end training, {name}", e.get("fps"), e.get("peak_mem_gb"), note))
     print(f"\n{'measurement':40s} {'img/s':>10s} {'peak GB':>8s}  notes")
     for name, fps, mem, note in rows:
