@@ -6,7 +6,8 @@
 Runs, one after another, each in its own process and at its default size:
   make_shards   tools/bench_make_shards.py (N = 2,000 and 2N = 4,000 demo JPEGs of ~500x375)
   loader        tools/bench_loader.py on those 4,000 images sharded 100 per shard, with every
-                core (-j = usable cores), against the decode ceiling and timm's loader
+                core (-j = usable cores), against the decode ceiling, timm's loader and DALI's
+                CPU pipeline (pipeline/dali.py; a "skipped" row where DALI is not installed)
   overhead      tools/bench_overhead.py (gluon_resnet50_v1b, 64 px, batch 32, train_stream's
                 own precision for this CPU)
 then writes every tool's JSON line to --out (bench-results.json) and a Markdown table beside it
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
     try:
         b["make_shards"] = run("make_shards", ["tools/bench_make_shards.py", "--workdir", workdir, "--keep"])
         loader = ["tools/bench_loader.py", "--data_path", loader_data(workdir), "-j", str(usable_cores()),
-                  "--loader", "ours", "timm"]
+                  "--loader", "ours", "timm", "dali"]
         b["loader"] = run("loader", loader)
         b["overhead"] = run("overhead", ["tools/bench_overhead.py"])
     finally:
