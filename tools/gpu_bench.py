@@ -113,6 +113,7 @@ def main(argv=None) -> int:
                    help="default: train_stream.py's own choice for the device")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
     p.add_argument("--cudagraphs", action="store_true", help="also measure compile mode reduce-overhead")
+    p.add_argument("--no-dali", action="store_true", help="skip the DALI rows")
     p.add_argument("--stage-timeout", type=float, default=300)
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke run: 120 small images, resnet10t, 32 px, batch 8, 2 steps, no compile")
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
     loader = ["tools/bench_loader.py", "--data_path", data, "-j", str(workers), "-b", str(args.batch_size),
               "--img-size", str(args.img_size), "--steps", str(max(args.steps // 2, 2)),
               "--warmup", str(max(args.warmup // 3, 1)), "--ceiling-seconds", "2" if args.tiny else "5",
-              "--rounds", "1", "--loader", "ours", "dali", "--decode", "cpu", "gpu"]
+              "--rounds", "1", "--loader", "ours", *([] if args.no_dali else ["dali"]), "--decode", "cpu", "gpu"]
     r = run_json(loader, 2 * args.stage_timeout)
     results["loader"] = r.get("rows", {"ours-cpu": r, "ours-gpu": r})  # an error fills both rows
     results["loader_ratios"], results["loader_refused"] = r.get("ratios", {}), r.get("refused", {})
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
     r = run_json([*perf, "--decode", decode, *modes[best_mode]], args.stage_timeout)
     results["e2e"][f"ours-{decode}"] = dict(r, decode=decode, compute_mode=best_mode)
     dali_decode = "gpu" if cuda else "cpu"  # DALI's mixed decoder needs CUDA
-    missing = dali_missing()
+    missing = "--no-dali" if args.no_dali else dali_missing()
     if missing:
         results["e2e"][f"dali-{dali_decode}"] = {"skipped": missing}
     else:
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
         else:
             results["ratios"]["loader dali-gpu / ours-cpu"] = round(dali_gpu["img_per_s"] / ours_cpu["img_per_s"], 3)
     for name, e in results["e2e"].items():
-        base = ok_modes.get(e["compute_mode"])
+        base = ok_modes.get(e.get("compute_mode"))
         if "fps" not in e or base is None:
             continue
         key = f"e2e {name} / compute {e['compute_mode']}"
