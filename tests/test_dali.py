@@ -166,7 +166,7 @@ def test_train_images_are_our_crop_boxes_resized_and_flipped(photo_shards):
         pil = Image.open(src / "train" / f"c{label}" / "a.jpg").convert("RGB")
         rng = random.Random(f"dali-augment:0:0:{g}")
         x, y, w, h = d.rrc_box(*pil.size, rng)
-        crop = torch.from_numpy(np.asarray(pil)[y:y + h, x:x + w]).permute(2, 0, 1)[None].float()
+        crop = torch.from_numpy(np.array(pil)[y:y + h, x:x + w]).permute(2, 0, 1)[None].float()
         want = torch.nn.functional.interpolate(crop, size=(64, 64), mode="bilinear", antialias=True,
                                                align_corners=False)[0].permute(1, 2, 0)
         if rng.random() < 0.5:
