@@ -5,22 +5,19 @@ import json
 import logging
 import sys
 
-import torch
-
 from common.errors import DataLoadingError, UserError, user_message
 
 from .config import parse_args
 from .data import make_data
 from .dist import setup_distributed, shutdown
+from .runtime import configure_torch
 from .trainer import Trainer
 
 
 def run(args) -> dict:
     """Train (or, with --performance, measure) as the flags say; returns the summary or result."""
     d = setup_distributed(args.device, args.device_id, args.local_rank)
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    configure_torch()
     trainer = Trainer(args, d, make_data(args, d))
     if args.performance:
         result = trainer.benchmark()

@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-classes", type=int, default=None,
                    help="classes of the model's head (default: from _info.json; must match it)")
     g.add_argument("--decode", default="cpu", choices=("cpu", "pil", "gpu"),
-                   help="cpu: torchvision in workers; pil: PIL in workers; gpu: nvJPEG on the device")
+                   help="cpu: torchvision in workers; pil: PIL in workers; gpu: nvJPEG on the device "
+                        "(with --loader dali: DALI's cpu or mixed decoder)")
+    g.add_argument("--loader", default="ours", choices=("ours", "dali"),
+                   help="ours: pipeline/ in DataLoader workers; dali: NVIDIA DALI fed from the same epoch plan "
+                        "(optional: pip install -r requirements-dali.txt)")
     g.add_argument("--shuffle-buffer", type=int, default=2048, help="samples per worker")
     g.add_argument("--prefetch-factor", type=int, default=4, help="batches queued per worker")
     g.add_argument("--use-multi-epochs-loader", action=argparse.BooleanOptionalAction, default=True,
@@ -217,6 +221,8 @@ def check_args(args) -> None:
         raise ConfigError(f"mixup/cutmix pairs image i with image B-1-i: -b must be even (got {args.batch_size})")
     if args.cutmix_minmax is not None and not 0 <= args.cutmix_minmax[0] < args.cutmix_minmax[1] <= 1:
         raise ConfigError("--cutmix-minmax needs 0 <= MIN < MAX <= 1")
+    if args.aa is not None and args.loader == "dali":
+        raise ConfigError("--aa runs in our loader's workers: it does not combine with --loader dali")
     if args.aa is not None and args.decode == "gpu":
         raise ConfigError("--aa runs on decoded pixels in the loader workers: it does not combine with --decode gpu")
     if args.aa is not None:
@@ -233,5 +239,7 @@ def check_args(args) -> None:
         raise ConfigError("--apex-amp runs float16 (O2); it cannot be combined with --amp-dtype bfloat16")
     if args.synthetic and args.decode != "cpu":
         raise ConfigError("--synthetic reads no data, so --decode does not apply")
+    if args.loader == "dali" and args.decode == "pil":
+        raise ConfigError("--loader dali decodes with DALI: choose --decode cpu or gpu")
     if not 0 < args.crop_pct <= 1:
         raise ConfigError("--crop-pct must be in (0, 1]")

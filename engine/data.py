@@ -5,7 +5,6 @@ import os
 from dataclasses import dataclass
 
 from common.errors import ConfigError, DataError
-from common.host import default_workers
 from pipeline.augment import ColorJitter, DeviceAugment, Mixup, RandomErasing
 from pipeline.info import check_local_shards, load_info
 from pipeline.loader import BatchLoader, create_loader
@@ -15,6 +14,7 @@ from pipeline.synthetic import SyntheticBatches
 
 from .config import DEMO, build_parser, mixup_active
 from .dist import Dist
+from .runtime import resolve_workers
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Data:
     feed: DevicePrefetcher  # train batches -> normalised (augmented) device tensors
     val_feed: DevicePrefetcher
     augment: DeviceAugment | None = None  # the feed's device-side augmentation (set_epoch each epoch)
+    workers: int | None = None  # loader workers per process (None: synthetic data)
 
 
 def prepare_demo(args, d: Dist) -> None:
@@ -82,7 +83,7 @@ def make_data(args, d: Dist) -> Data:
     normalize = Normalize(dev.torch, IMAGENET_MEAN, IMAGENET_STD, channels_last=args.channels_last)
     augment = make_augment(args, d, num_classes)
     to_train = to_val = None
-    if args.decode == "gpu":
+    if args.decode == "gpu" and args.loader == "ours":  # DALI's mixed decoder hands over device tensors
         from pipeline.gpu_decode import make_to_device
         to_train, to_val = make_to_device(), make_to_device()
     feed = DevicePrefetcher(dev, normalize, to_train, augment)
@@ -94,12 +95,14 @@ def make_data(args, d: Dist) -> Data:
         return Data(train, None, num_classes, feed, val_feed, augment)
     split = info.split("train")
     check_local_shards(split)
-    workers = args.workers if args.workers is not None else default_workers(d.local_world)
+    workers = resolve_workers(args.workers, d.local_world)
     common = dict(batch_size=args.batch_size, img_size=args.img_size, num_workers=workers,
                   seed=args.seed, world_size=d.world, rank=d.rank, decoder=args.decode,
                   crop_pct=args.crop_pct, pin_memory=dev.pin_memory(),
                   prefetch_factor=args.prefetch_factor, persistent=args.use_multi_epochs_loader,
                   reuse_buffers=True)  # DevicePrefetcher copies each batch before the next
+    if args.loader == "dali":
+        return _dali_data(args, d, info, split, workers, num_classes, feed, val_feed, augment)
     train = create_loader(split, train=True, shuffle_buffer=args.shuffle_buffer,
                           train_interpolation=args.train_interpolation,
                           augment=RandAugment(args.aa) if args.aa else None, **common)
@@ -117,4 +120,27 @@ def make_data(args, d: Dist) -> Data:
           f"{len(train)} steps/epoch/rank, {workers} workers/rank, decode {args.decode}")
     d.say(f"augmentation: crop {args.train_interpolation}{', ' + args.aa if args.aa else ''}"
           f"{'; on the device: ' + augment.describe() if augment else ''}")
-    return Data(train, val, num_classes, feed, val_feed, augment)
+    return Data(train, val, num_classes, feed, val_feed, augment, workers)
+
+
+def _dali_data(args, d: Dist, info, split, workers: int, num_classes: int, feed, val_feed, augment) -> Data:
+    """--loader dali: DALI pipelines fed from the same epoch plan (pipeline/dali.py)."""
+    from pipeline.dali import DaliLoader, dali_missing
+    missing = dali_missing()
+    if missing:
+        raise ConfigError(missing)
+    common = dict(batch_size=args.batch_size, img_size=args.img_size, seed=args.seed, world_size=d.world,
+                  rank=d.rank, num_threads=workers, decode=args.decode, crop_pct=args.crop_pct,
+                  device_id=d.device.index if args.decode == "gpu" else None, pin_memory=d.device.pin_memory())
+    train = DaliLoader(split, train=True, interpolation=args.train_interpolation, **common)
+    if len(train) < 1:
+        raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
+                        f"({args.batch_size} x {d.world} processes); lower -b")
+    val = None
+    has_val = any(name in info.splits for name in ("validation", "val", "valid"))
+    if has_val and not (args.no_val or args.performance):
+        val = DaliLoader(info.split("validation"), train=False, interpolation=args.interpolation, **common)
+    d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
+          f"{len(train)} steps/epoch/rank, DALI ({train.settings()['decoder']}, {workers} threads, "
+          f"{train.py_workers} reader processes)/rank")
+    return Data(train, val, num_classes, feed, val_feed, augment, workers)

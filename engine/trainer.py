@@ -15,7 +15,6 @@ from common.errors import DataLoadingError
 from model.checkpoint import CheckpointSaver, resume
 from model.factory import create_model
 from model.optim import OPTIMIZERS, create_optimizer
-from model.precision import resolve_precision
 from model.schedule import LRSchedule, ScheduleConfig, scale_lr, total_epochs
 from pipeline.stream import STATS
 
@@ -23,6 +22,7 @@ from .config import mixup_active
 from .data import Data
 from .dist import Dist, distribute_bn, sync_batchnorm
 from .metrics import Metrics
+from .runtime import compute_settings, precision_for
 
 
 class Trainer:
@@ -45,7 +45,7 @@ class Trainer:
             scale_lr(args.lr_base, global_batch, args.lr_base_size, args.lr_base_scale or "linear")
         self.optimizer, opt_desc = create_optimizer(self.model, self.lr, args.momentum, args.weight_decay,
                                                     OPTIMIZERS[args.opt], self.dev, apex=args.apex_amp)
-        self.precision = resolve_precision(self.dev, args.amp, args.amp_dtype, args.apex_amp)
+        self.precision = precision_for(args, self.dev)
         self.model, self.optimizer = self.precision.prepare(self.model, self.optimizer)
         self.sched_cfg = ScheduleConfig(self.lr, args.epochs, self.steps_per_epoch, sched=args.sched,
                                         warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
@@ -266,11 +266,13 @@ class Trainer:
             "world_size": d.world, "device": self.dev.name(), "amp_dtype": self.precision.dtype_name,
             "data_wait_fraction": round(wait / elapsed, 4), "synthetic": bool(args.synthetic),
             "data": "synthetic" if args.synthetic else f"shards, decode {args.decode}",
+            "loader": None if args.synthetic else args.loader,
             "model": args.model, "img_size": args.img_size, "channels_last": args.channels_last,
             "compile": args.torchcompile, "compile_mode": args.compile_mode, "seconds": round(elapsed, 3),
             "final_loss": round(float(last), 4),
             "peak_mem_gb": round(self.dev.max_memory_allocated() / 2**30, 3),
-            "torch": torch.__version__,
+            "torch": torch.__version__, "num_classes": self.data.num_classes, "workers": self.data.workers,
+            "settings": compute_settings(self.dev, self.precision, args.channels_last),
         }
 
 

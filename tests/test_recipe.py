@@ -193,6 +193,7 @@ def test_pretrained_without_weights_is_one_line(monkeypatch, tmp_path, capsys):
     (["--mixup", "0.5", "-b", "7"], "-b must be even"),
     (["--aa", "augmix-m5"], "RandAugment"),
     (["--aa", "rand-m9", "--decode", "gpu"], "does not combine with --decode gpu"),
+    (["--aa", "rand-m9", "--loader", "dali"], "does not combine with --loader dali"),
     (["--reprob", "1.5"], "--reprob must be in [0, 1]"),
     (["--cutmix-minmax", "0.8", "0.2"], "--cutmix-minmax"),
     (["--val-interval", "0"], "--val-interval must be at least 1"),
