@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .jpeg import jpeg_header
+from .transforms import check_pixels
 
 _GPU_OK_COMPONENTS = (1, 3)
 
@@ -46,6 +47,7 @@ class JpegBatches:
     def add(self, i: int, data, label: int, rng) -> None:
         header = jpeg_header(data)
         if header is not None and header[2] in _GPU_OK_COMPONENTS:
+            check_pixels(header[0], header[1])
             box = self.transform.box(header[0], header[1], rng)
             self.items.append((i, data, box, self.transform.flip(rng), label))
         else:

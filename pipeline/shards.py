@@ -5,8 +5,8 @@ Reading: samples out of one shard with a minimal reader instead of webdataset's
 per sample (BENCHMARKS.md). It groups members into samples the webdataset way (key = path up to
 the first dot of the file name, extension lower-cased), reads USTAR, PAX and GNU long-name
 headers, skips the first `skip` samples by seeking where the file allows it, and reports a
-truncated or corrupt shard instead of dying. Remote shards (http, pipe:) are opened with
-webdataset's `gopen`.
+truncated or corrupt shard instead of dying. Remote shards (http, pipe:) are opened by
+`pipeline.remote`, with timeouts.
 
 Writing: USTAR headers built by hand (tarfile's addfile costs several times more per sample,
 BENCHMARKS.md); the bytes equal tarfile's for the same members (tests/test_make_shards.py).
@@ -24,35 +24,12 @@ class ShardCorrupt(Exception):
     """The shard ends early or holds a damaged header; samples before the damage were kept."""
 
 
-def open_shard(url: str):
+def open_shard(url: str, timeout: float = 60.0):
+    """A local shard file, or a remote one read with a connect and stall `timeout` (pipeline/remote.py)."""
     if is_remote(url):
-        import webdataset as wds
-        return _Stream(wds.gopen(url, "rb"))
+        from .remote import open_remote
+        return open_remote(url, timeout)
     return open(url, "rb", buffering=0)
-
-
-class _Stream:
-    """webdataset's pipe objects offer read() and close(); the reader also wants readinto()."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def read(self, n: int) -> bytes:
-        return self.f.read(n)
-
-    def readinto(self, b) -> int:
-        data = self.f.read(len(b))
-        b[:len(data)] = data
-        return len(data)
-
-    def seekable(self) -> bool:
-        return False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
 
 
 def _read_exact(f, n: int) -> bytearray:

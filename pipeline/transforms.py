@@ -6,6 +6,9 @@ kernel, run on a crop first made channels-last-contiguous so that its output is 
 
 Reduced-size decoding: when the crop is at least twice the output size in both directions, the
 JPEG is decoded by PIL at 1/2, 1/4 or 1/8 scale (libjpeg-turbo DCT scaling, `Image.draft`).
+
+Before anything is decoded, the size in the image's header (a JPEG's frame header, PIL's header
+read for other formats) is held against MAX_PIXELS. 16-bit images become 8-bit.
 """
 from __future__ import annotations
 
@@ -17,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .jpeg import jpeg_header
+from .jpeg import MAX_PIXELS, jpeg_header
 
 # PIL hands over read-only buffers; we only ever read them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
-__all__ = ["DecodeError", "EvalTransform", "TrainTransform", "decode", "jpeg_header", "resize_into", "rrc_box"]
+__all__ = ["DecodeError", "EvalTransform", "TrainTransform", "check_pixels", "decode", "jpeg_header",
+           "resize_into", "rrc_box"]
 
 
 class DecodeError(Exception):
@@ -58,10 +62,32 @@ def center_box(width: int, height: int, size: int, crop_pct: float):
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def check_pixels(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise DecodeError(f"{width}x{height} pixels is over the limit of {MAX_PIXELS:,} (a decompression bomb?)")
+
+
+def _header_size(data) -> tuple[int, int]:
+    """(width, height) of a non-JPEG image from its header, without decoding the pixels; an
+    image whose size cannot be read this way is not decoded at all."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise DecodeError(f"over the pixel limit: {e}") from None
+    except Exception as e:  # PIL raises several types for what it cannot identify
+        raise DecodeError(f"unreadable image header ({type(e).__name__}: {e})") from None
+
+
 def _decode_tv(data) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image
     buf = data if isinstance(data, torch.Tensor) else torch.frombuffer(data, dtype=torch.uint8)
-    return decode_image(buf, mode=ImageReadMode.RGB)
+    img = decode_image(buf, mode=ImageReadMode.RGB)
+    if img.dtype != torch.uint8:  # 16-bit PNG: keep the high byte
+        img = (img.to(torch.int32) >> 8).to(torch.uint8)
+    return img
 
 
 def _decode_pil(data, width=None, height=None, factor: float = 1.0) -> torch.Tensor:
@@ -93,9 +119,11 @@ def decode(data, box_fn, out_hw, decoder: str = "tv", reduce: bool = True):
     try:
         header = jpeg_header(data)
         if header is None:  # PNG, WebP, a damaged JPEG...: decode first, then crop
+            check_pixels(*_header_size(data))
             img = _decode_tv(data) if decoder == "tv" else _decode_pil(data)
             return img, box_fn(img.shape[2], img.shape[1])
         width, height, _ = header
+        check_pixels(width, height)
         box = box_fn(width, height)
         factor = min(box[2] / out_hw[1], box[3] / out_hw[0])
         if decoder == "tv" and not (reduce and factor >= 2):

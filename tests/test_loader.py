@@ -13,6 +13,7 @@ from functools import partial
 import pytest
 import torch
 
+from common.errors import DataLoadingError
 from pipeline.info import DataError, check_local_shards, load_info
 from pipeline.loader import BatchLoader, StreamLoader, create_loader
 from pipeline.plan import train_steps
@@ -198,7 +199,7 @@ def test_a_dying_worker_is_an_error_not_a_hang(demo_shards):
     split = load_info(str(demo_shards)).split("train")
     ds = ShardStream(split, PixelBatches(DieInWorker(SIZE), B), batch_size=B, train=True,
                      num_workers=2)
-    with pytest.raises(RuntimeError, match="DataLoader worker"):
+    with pytest.raises(DataLoadingError, match=r"DataLoader worker \(pid\(s\) [\d, ]+\) exited unexpectedly"):
         list(StreamLoader(ds, num_workers=2, pin_memory=False))
 
 
