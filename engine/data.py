@@ -9,6 +9,7 @@ from common.host import default_workers
 from pipeline.info import check_local_shards, load_info
 from pipeline.loader import BatchLoader, create_loader
 from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize
+from pipeline.remote import RemoteOptions
 from pipeline.synthetic import SyntheticBatches
 
 from .config import DEMO, build_parser
@@ -22,6 +23,8 @@ class Data:
     num_classes: int
     feed: DevicePrefetcher  # train batches -> normalised device tensors
     val_feed: DevicePrefetcher
+    identity: dict | None = None  # the data set's name, fingerprint and size (checkpoints record it)
+    val_samples: int = 0  # validation images _info.json lists: fewer seen = an incomplete validation
 
 
 def prepare_demo(args, d: Dist) -> None:
@@ -56,7 +59,8 @@ def make_data(args, d: Dist) -> Data:
         feed = DevicePrefetcher(dev, normalize, make_to_device(args.train_interpolation))
         val_feed = DevicePrefetcher(dev, normalize, make_to_device(args.interpolation))
 
-    info = load_info(args.data_path) if args.data_path else None
+    remote = RemoteOptions(timeout=args.io_timeout, retries=args.io_retries)
+    info = load_info(args.data_path, remote) if args.data_path else None
     num_classes = info.num_classes if info else 1000
     if args.synthetic:
         steps = args.perf_steps + args.perf_warmup if args.performance else 100
@@ -72,18 +76,20 @@ def make_data(args, d: Dist) -> Data:
                   seed=args.seed, world_size=d.world, rank=d.rank, decoder=args.decode,
                   crop_pct=args.crop_pct, pin_memory=dev.pin_memory(),
                   prefetch_factor=args.prefetch_factor, persistent=args.use_multi_epochs_loader,
-                  reuse_buffers=True)  # DevicePrefetcher copies each batch before the next
+                  reuse_buffers=True,  # DevicePrefetcher copies each batch before the next
+                  num_classes=num_classes, remote=remote)
     train = create_loader(split, train=True, shuffle_buffer=args.shuffle_buffer,
                           train_interpolation=args.train_interpolation, **common)
     if len(train) < 1:
         raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
                         f"({args.batch_size} x {d.world} processes); lower -b")
-    val = None
+    val, val_samples = None, 0
     has_val = any(name in info.splits for name in ("validation", "val", "valid"))
     if has_val and not (args.no_val or args.performance):
         vsplit = info.split("validation")
         check_local_shards(vsplit)
         val = create_loader(vsplit, train=False, eval_interpolation=args.interpolation, **common)
+        val_samples = vsplit.num_samples
     d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
           f"{len(train)} steps/epoch/rank, {workers} workers/rank, decode {args.decode}")
-    return Data(train, val, num_classes, feed, val_feed)
+    return Data(train, val, num_classes, feed, val_feed, info.identity(), val_samples)

@@ -168,7 +168,8 @@ def test_unreadable_data_is_a_clear_error_not_a_hang(workers, demo_shards, tmp_p
     root = tmp_path / "wds"
     shutil.copytree(demo_shards, root)
     for shard in root.glob("*-train-*.tar"):
-        shard.write_bytes(b"")  # present, so the start-up check passes, but empty
+        # present and of the right size, so the start-up checks pass, but garbage
+        shard.write_bytes(b"\x01" * shard.stat().st_size)
     code, out, err = run_main(["--data_path", str(root), *SMALL, "-j", workers, "--epochs", "1"], capsys)
     assert code == 1 and "data loading failed" in err and "could not read a single sample" in err
     error = err.split("train_stream: error:")[-1]
