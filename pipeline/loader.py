@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from common.errors import DataLoadingError
 
 from .info import is_remote
+from .plan import round_robin
 from .remote import RemoteOptions
 from .stream import Batch, PixelBatches, ShardStream, SharedState
 from .transforms import EvalTransform, TrainTransform
@@ -110,8 +111,12 @@ class StreamLoader:
 
     def set_epoch(self, epoch: int, start=None) -> None:
         """Next epoch to iterate; `start`: this rank's `progress()` to resume from, or None."""
+        rotate = 0
+        if start is not None and self.num_workers > 1:
+            totals = [self.dataset.plan(epoch, w).num_batches for w in range(self.num_workers)]
+            rotate, _ = round_robin(totals, sum(int(row[0]) for row in start))
         self.shared.epoch.value = epoch
-        self.shared.set_start(start)
+        self.shared.set_start(start, rotate)
         self._start = [list(map(int, row)) for row in start] if start is not None else self._zeros()
 
     def __len__(self) -> int:

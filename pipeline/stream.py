@@ -62,11 +62,12 @@ class Batch(NamedTuple):
     slot: int = -1
     worker: int = 0
     taken: int = 0  # samples taken from the worker's shuffled stream this epoch (skipped ones too)
-    padded: int = 0  # repeated samples added this epoch after the stream ran dry
+    padded: int = 0  # pads drawn this epoch after the stream ran dry (undecodable ones too)
 
 
-# Per worker, what a resumed epoch skips: [batches consumed, samples taken, samples padded].
+# Per worker, what a resumed epoch skips: [batches consumed, samples taken, pads drawn].
 PROGRESS = 3
+PAD_POOL = 16  # a worker whose stream ran dry repeats one of its last PAD_POOL samples
 
 
 class SharedState:
@@ -77,6 +78,9 @@ class SharedState:
         self.num_workers, self.pool_size = max(1, num_workers), pool_size
         self.epoch = ctx.Value("q", 0, lock=False)
         self.start = ctx.Array("q", self.num_workers * PROGRESS, lock=False)  # resume point, per worker
+        # DataLoader worker i plays planned worker (i + rotate) % workers: a resumed epoch must take
+        # its first batch from the worker whose turn it was, but the DataLoader starts at worker 0
+        self.rotate = ctx.Value("q", 0, lock=False)
         self.stats = ctx.Array("q", self.num_workers * len(Stat), lock=False)
         # free[worker * pool_size + k]: the consumer handed buffer k of that worker back
         self.free = ctx.Array("b", max(1, self.num_workers * pool_size), lock=False)
@@ -92,12 +96,13 @@ class SharedState:
         if slot >= 0:
             self.free[slot] = 1
 
-    def set_start(self, progress) -> None:
+    def set_start(self, progress, rotate: int = 0) -> None:
         """Where each worker's next epoch starts: None, or [batches, taken, padded] per worker."""
         values = [0] * len(self.start) if progress is None else [int(v) for row in progress for v in row]
         if len(values) != len(self.start):
             raise ValueError(f"resume point for {len(values) // PROGRESS} workers, loader has {self.num_workers}")
         self.start[:] = values
+        self.rotate.value = rotate
 
     def start_of(self, worker: int) -> tuple[int, int, int]:
         return tuple(self.start[worker * PROGRESS:(worker + 1) * PROGRESS])
@@ -287,13 +292,14 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        physical = info.id if info is not None else 0
         shared = self.shared
         epoch = shared.epoch.value
         if self.memory is None:  # once per worker: counters and buffers outlive the epoch
             pooled = info is not None and shared.pool_size > 0
-            self.memory = Memory(info is not None, shared.free, worker * shared.pool_size,
-                                 shared.pool_size if pooled else 0, shared.counters(worker))
+            self.memory = Memory(info is not None, shared.free, physical * shared.pool_size,
+                                 shared.pool_size if pooled else 0, shared.counters(physical))
+        worker = (physical + shared.rotate.value) % self.num_workers  # whose share of the plan
         counters = self.memory.counters
         plan = self.plan(epoch, worker)
         tag = f"{self.seed}:{epoch}:{self.rank}:{worker}"
@@ -302,56 +308,51 @@ class ShardStream(IterableDataset):
         if self.train and self.shuffle_buffer > 1:
             samples = shuffled(samples, self.shuffle_buffer, random.Random(f"shuffle:{tag}"))
         start = shared.start_of(worker) if self.train else (0, 0, 0)
-        yield from self._batches(samples, plan.num_samples, epoch, worker, start,
-                                 random.Random(f"pad:{tag}"), warn, counters)
+        yield from self._batches(samples, plan.num_samples, epoch, worker, start, tag, warn, counters)
 
-    def _replay(self, samples, taken: int, recent: list) -> None:
-        """Take `taken` samples of the stream without decoding (what a resumed run already used);
-        keep the last few with a usable label as the padding pool."""
+    def _batches(self, samples, quota: int, epoch: int, worker: int, start, tag: str, warn,
+                 counters: Counters):
+        """Exactly `quota` samples in full batches (the last one partial in eval).
+
+        Training pads when damaged data left the stream short: pad k repeats a sample of the
+        last PAD_POOL read, picked by a generator seeded with k, so a resumed run pads the
+        same way. `start` = (batches, taken, padded) already consumed by the run this one
+        resumes: those samples are read again (the shuffle buffer needs them) but not decoded.
+        """
+        b, i, pool, failed = self.builder, 0, [], set()
+        done, taken, padded = min(start[0] * self.batch_size, quota), start[1], start[2]
         for _ in range(taken):
             sample = next(samples, None)
             if sample is None:
-                return
-            try:
-                image_and_label(sample, self.num_classes)
-            except DecodeError:
-                continue
-            recent.append(sample)
-            del recent[:-16]
-
-    def _batches(self, samples, quota: int, epoch: int, worker: int, start, pad_rng, warn,
-                 counters: Counters):
-        """Exactly `quota` samples in full batches (the last one partial in eval); training pads
-        with recently seen samples when damaged data left the stream short. `start` = (batches,
-        taken, padded) already consumed by the run this one resumes."""
-        b, i, recent = self.builder, 0, []
-        done, taken, padded = min(start[0] * self.batch_size, quota), start[1], start[2]
-        self._replay(samples, taken, recent)
+                break
+            pool = (pool + [sample])[-PAD_POOL:]
         if done < quota:
             b.new(self.memory)
         while done < quota:
-            sample = next(samples, None)
-            if sample is None:
-                if not self.train or not recent:
-                    break
-                sample = pad_rng.choice(recent)
-                padded += 1
-                counters.add(Stat.PADDED)
-            else:
+            sample, pad = next(samples, None), None
+            if sample is not None:
                 taken += 1
+                pool = (pool + [sample])[-PAD_POOL:]
+            elif not self.train or len(failed) == len(pool):
+                break
+            else:
+                pad = random.Random(f"pad:{tag}:{padded}").randrange(len(pool))
+                sample, padded = pool[pad], padded + 1
+                if pad in failed:
+                    continue
             try:
                 data, label = image_and_label(sample, self.num_classes)
                 rng = sample_rng(self.seed, epoch, sample["__index__"]) if self.train else None
                 b.add(i, data, label, rng)
             except Exception as e:  # anything a decoder throws is this sample's problem, not the run's
                 counters.add(Stat.SKIPPED)
-                recent[:] = [r for r in recent if r is not sample]  # never pad with it again
+                if pad is not None:
+                    failed.add(pad)
                 reason = str(e) if isinstance(e, DecodeError) else f"{type(e).__name__}: {e}"
                 warn(f"skipped sample {sample.get('__key__')!r}: {reason}")
                 continue
-            if self.train:
-                recent.append(sample)
-                del recent[:-16]
+            if pad is not None:
+                counters.add(Stat.PADDED)
             i, done = i + 1, done + 1
             counters.add(Stat.SAMPLES)
             if i == self.batch_size or done == quota:
