@@ -234,7 +234,7 @@ def _misfit(model: nn.Module, state, path: str, ckpt: dict, model_name: str | No
         return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} here {tuple(own[k].shape)}" for k in own
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here" for k in own
               if k in state and torch.is_tensor(state[k]) and state[k].shape != own[k].shape]
     if missing:
         parts.append(f"missing keys {first(missing)}")

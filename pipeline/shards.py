@@ -32,7 +32,21 @@ def open_shard(url: str, timeout: float = 60.0):
     return open(url, "rb", buffering=0)
 
 
+MAX_MEMBER = 1 << 30  # no image is this large; a header claiming more is damage, not data
+MAX_HEADER_DATA = 1 << 20  # PAX / GNU long-name records
+_CHUNK = 1 << 24
+
+
 def _read_exact(f, n: int) -> bytearray:
+    if n > _CHUNK:  # a large claim: allocate only what actually arrives
+        chunks, got = [], 0
+        while got < n:
+            chunk = f.read(min(n - got, _CHUNK))
+            if not chunk:
+                raise ShardCorrupt(f"ends inside a member ({got} of {n} bytes)")
+            chunks.append(chunk)
+            got += len(chunk)
+        return bytearray(b"".join(chunks))
     buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:
@@ -66,7 +80,10 @@ def _octal(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256 for members over 8 GiB
         return int.from_bytes(field[1:], "big")
     field = field.rstrip(b"\0 ").lstrip(b" ")
-    return int(field, 8) if field else 0
+    try:
+        return int(field, 8) if field else 0
+    except ValueError:
+        raise ShardCorrupt("damaged tar header (a number field is not octal)") from None
 
 
 def _pax_path(data: bytes) -> str | None:
@@ -102,6 +119,8 @@ def members(f):
         if hdr[257:262] == b"ustar" and hdr[345]:
             name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
         if kind in (b"x", b"L"):  # PAX extended header / GNU long name for the next member
+            if size > MAX_HEADER_DATA:
+                raise ShardCorrupt(f"damaged tar header (a {size:,}-byte name record)")
             data = _read_exact(f, padded)[:size]
             long_name = _pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode()
             continue
@@ -113,6 +132,8 @@ def members(f):
 
         def read(size=size, padded=padded, state=state):
             state["done"] = True
+            if size > MAX_MEMBER:
+                raise ShardCorrupt(f"damaged tar header (a member of {size:,} bytes)")
             data = _read_exact(f, size)
             if padded > size:
                 _skip(f, padded - size, seekable)
