@@ -47,7 +47,8 @@ def main(argv=None) -> int:
         if reason is None:
             raise
         if "DataLoader" in reason:
-            reason = f"data loading failed: {reason}; rerun the same command with --auto-resume to continue"
+            reason = (f"data loading failed: {reason}; rerun the same command with --auto-resume to continue "
+                      "from the last checkpoint")
         print(f"train_stream: error: {reason}", file=sys.stderr, flush=True)
         return 1
     except Preempted as e:

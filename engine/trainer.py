@@ -229,7 +229,9 @@ class Trainer:
             loader.set_epoch(epoch)
         padded_before = loader.stats()["padded"]
         limit = args.max_missing * steps * args.batch_size * d.world
-        control = self.control or Control(d)
+        if self.control is None:  # train_epoch() called without fit()
+            self.control = Control(d)
+        control = self.control
         it = iter(self.data.feed(loader))
         loss_sum = torch.zeros((), device=self.dev.torch)
         window_start, wait, n_window = time.perf_counter(), 0.0, 0

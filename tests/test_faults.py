@@ -440,10 +440,12 @@ def test_info_lengths_are_checked_against_local_shard_sizes(demo_shards, tmp_pat
 
 
 # ---------------------------------------------------------------- remote sources
-def remote_keys(url, train=True, **kw):
-    split = load_info(url, FAST_REMOTE).split("train" if train else "validation")
-    loader = create_loader(split, train=train, batch_size=B, img_size=SIZE, num_workers=0,
-                           remote=FAST_REMOTE, **kw)
+PATIENT_REMOTE = RemoteOptions(timeout=5.0, retries=2, backoff=0.1)  # for reads that should succeed
+
+
+def remote_keys(url, train=True, remote=PATIENT_REMOTE):
+    split = load_info(url, remote).split("train" if train else "validation")
+    loader = create_loader(split, train=train, batch_size=B, img_size=SIZE, num_workers=0, remote=remote)
     loader.set_epoch(0)
     return [labels.tolist() for _, labels in loader]
 
@@ -480,10 +482,11 @@ def test_failing_and_missing_http_shards_are_one_line(demo_shards, tmp_path):
     with ShardServer(demo_shards) as server:
         server.fail_next(1)  # one 503, then fine: the retry succeeds
         assert remote_keys(server.url, train=False) == remote_keys(str(demo_shards), train=False)
-        split = load_info(server.url, FAST_REMOTE).split("validation")
+        split = load_info(server.url, PATIENT_REMOTE).split("validation")
         server.fail_next(10)
-        with pytest.raises(DataLoadingError, match="HTTP 503"):
-            list(create_loader(split, train=False, batch_size=B, img_size=SIZE, num_workers=0, remote=FAST_REMOTE))
+        with pytest.raises(DataLoadingError, match=r"HTTP 503 .*\(tried 3 times\)"):
+            list(create_loader(split, train=False, batch_size=B, img_size=SIZE, num_workers=0,
+                               remote=PATIENT_REMOTE))
     root = copy_shards(demo_shards, tmp_path / "wds")
     os.remove(load_info(str(root)).split("validation").urls[1])
     with ShardServer(root) as server:
@@ -491,7 +494,7 @@ def test_failing_and_missing_http_shards_are_one_line(demo_shards, tmp_path):
             remote_keys(server.url, train=False)
         url = server.url
     with pytest.raises(DataError, match="could not read _info.json .*cannot connect"):  # the server is gone
-        load_info(url, FAST_REMOTE)
+        load_info(url, PATIENT_REMOTE)
 
 
 def test_a_stalled_pipe_command_is_one_line_and_leaves_no_process(demo_shards):
