@@ -60,6 +60,8 @@ def _worker_init(worker_id: int) -> None:
     workers before the main process reaches a step boundary, but the DataLoader's own shutdown
     still ends a stuck worker with SIGTERM. So a thread takes these signals and obeys only the
     ones the loader's process sent."""
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: workers keep the default (die on the signal)
+        return
     parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     threading.Thread(target=_obey_parent_only, args=(parent,), daemon=True, name="signals").start()
