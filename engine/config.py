@@ -20,6 +20,8 @@ from model.schedule import (
     DEFAULT_WARMUP_LR,
 )
 
+from .control import parse_interval
+
 DESCRIPTION = ("Train a timm model (default gluon_resnet50_v1b) on ImageNet streamed from tar shards, fast. "
                "Without --data_path it trains on a built-in demo dataset.")
 
@@ -152,7 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--output", default=None, help="folder for metrics.jsonl, config.json, checkpoints")
-    g.add_argument("--resume", default=None, help="checkpoint to continue from (next epoch)")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint to continue from, at the step it was written (mid-epoch included)")
+    g.add_argument("--auto-resume", action="store_true",
+                   help="continue from OUTPUT/last.pth when it exists (rerun the same command after a "
+                        "preemption), else start afresh (or from --resume)")
+    g.add_argument("--checkpoint-interval", default=None, metavar="N|Nm",
+                   help="also write last.pth every N optimizer steps (500), or every N minutes with an "
+                        "m suffix (10m; s and h work too), resumable at that step (default: epoch ends only)")
+    g.add_argument("--allow-other-data", action="store_true",
+                   help="resume even when the checkpoint was trained on another data set (its _info.json "
+                        "name, fingerprint or sample count differ); it continues at the next epoch")
+    g.add_argument("--max-missing", type=float, default=0.02, metavar="FRACTION",
+                   help="stop the run when more than this fraction of an epoch's training samples is "
+                        "missing (damaged or unreadable data, replaced by repeats)")
+    g.add_argument("--io-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="remote shards (http, pipe:): time allowed to connect, and the longest stall in the data")
+    g.add_argument("--io-retries", type=int, default=3,
+                   help="remote shards: retries after a failed read (waits 2, 4, 8 s...) before the run "
+                        "stops naming the shard")
     g.add_argument("--log-interval", type=int, default=50, help="steps between log lines (host syncs)")
     g.add_argument("--no-val", action="store_true", help="skip validation after each epoch")
     g.add_argument("--val-interval", type=int, default=1,
@@ -243,3 +263,13 @@ def check_args(args) -> None:
         raise ConfigError("--loader dali decodes with DALI: choose --decode cpu or gpu")
     if not 0 < args.crop_pct <= 1:
         raise ConfigError("--crop-pct must be in (0, 1]")
+    try:
+        parse_interval(args.checkpoint_interval)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if args.auto_resume and not args.output:
+        raise ConfigError("--auto-resume needs --output (it resumes from OUTPUT/last.pth)")
+    if not 0 <= args.max_missing <= 1:
+        raise ConfigError("--max-missing must be a fraction between 0 and 1")
+    if not args.io_timeout > 0 or args.io_retries < 0:
+        raise ConfigError("--io-timeout must be positive and --io-retries 0 or more")

@@ -10,6 +10,7 @@ from pipeline.info import check_local_shards, load_info
 from pipeline.loader import BatchLoader, create_loader
 from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize
 from pipeline.randaugment import RandAugment
+from pipeline.remote import RemoteOptions
 from pipeline.synthetic import SyntheticBatches
 
 from .config import DEMO, build_parser, mixup_active
@@ -26,6 +27,8 @@ class Data:
     val_feed: DevicePrefetcher
     augment: DeviceAugment | None = None  # the feed's device-side augmentation (set_epoch each epoch)
     workers: int | None = None  # loader workers per process (None: synthetic data)
+    identity: dict | None = None  # the data set's name, fingerprint and size (checkpoints record it)
+    val_samples: int = 0  # validation images _info.json lists: fewer seen = an incomplete validation
 
 
 def prepare_demo(args, d: Dist) -> None:
@@ -76,7 +79,8 @@ def make_data(args, d: Dist) -> Data:
         raise ConfigError(f"--decode gpu needs a CUDA device (nvJPEG); this run is on {dev.type}")
     if args.data_path is None and not args.synthetic:
         prepare_demo(args, d)
-    info = load_info(args.data_path) if args.data_path else None
+    remote = RemoteOptions(timeout=args.io_timeout, retries=args.io_retries)
+    info = load_info(args.data_path, remote) if args.data_path else None
     if info is not None and not args.synthetic and info.num_classes < 1 and args.num_classes is None:
         raise DataError(f"{args.data_path}: _info.json has no class list or num_classes (or pass --num-classes)")
     num_classes = resolve_num_classes(args, info)
@@ -100,7 +104,8 @@ def make_data(args, d: Dist) -> Data:
                   seed=args.seed, world_size=d.world, rank=d.rank, decoder=args.decode,
                   crop_pct=args.crop_pct, pin_memory=dev.pin_memory(),
                   prefetch_factor=args.prefetch_factor, persistent=args.use_multi_epochs_loader,
-                  reuse_buffers=True)  # DevicePrefetcher copies each batch before the next
+                  reuse_buffers=True,  # DevicePrefetcher copies each batch before the next
+                  num_classes=num_classes, remote=remote)
     if args.loader == "dali":
         return _dali_data(args, d, info, split, workers, num_classes, feed, val_feed, augment)
     train = create_loader(split, train=True, shuffle_buffer=args.shuffle_buffer,
@@ -109,18 +114,19 @@ def make_data(args, d: Dist) -> Data:
     if len(train) < 1:
         raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
                         f"({args.batch_size} x {d.world} processes); lower -b")
-    val = None
+    val, val_samples = None, 0
     has_val = any(name in info.splits for name in ("validation", "val", "valid"))
     if has_val and not (args.no_val or args.performance):
         vsplit = info.split("validation")
         check_local_shards(vsplit)
         common["batch_size"] = args.validation_batch_size or args.batch_size
         val = create_loader(vsplit, train=False, eval_interpolation=args.interpolation, **common)
+        val_samples = vsplit.num_samples
     d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
           f"{len(train)} steps/epoch/rank, {workers} workers/rank, decode {args.decode}")
     d.say(f"augmentation: crop {args.train_interpolation}{', ' + args.aa if args.aa else ''}"
           f"{'; on the device: ' + augment.describe() if augment else ''}")
-    return Data(train, val, num_classes, feed, val_feed, augment, workers)
+    return Data(train, val, num_classes, feed, val_feed, augment, workers, info.identity(), val_samples)
 
 
 def _dali_data(args, d: Dist, info, split, workers: int, num_classes: int, feed, val_feed, augment) -> Data:
@@ -132,15 +138,19 @@ def _dali_data(args, d: Dist, info, split, workers: int, num_classes: int, feed,
     common = dict(batch_size=args.batch_size, img_size=args.img_size, seed=args.seed, world_size=d.world,
                   rank=d.rank, num_threads=workers, decode=args.decode, crop_pct=args.crop_pct,
                   device_id=d.device.index if args.decode == "gpu" else None, pin_memory=d.device.pin_memory())
+    common["num_classes"] = num_classes
     train = DaliLoader(split, train=True, interpolation=args.train_interpolation, **common)
     if len(train) < 1:
         raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
                         f"({args.batch_size} x {d.world} processes); lower -b")
-    val = None
+    val, val_samples = None, 0
     has_val = any(name in info.splits for name in ("validation", "val", "valid"))
     if has_val and not (args.no_val or args.performance):
-        val = DaliLoader(info.split("validation"), train=False, interpolation=args.interpolation, **common)
+        vsplit = info.split("validation")
+        common["batch_size"] = args.validation_batch_size or args.batch_size
+        val = DaliLoader(vsplit, train=False, interpolation=args.interpolation, **common)
+        val_samples = vsplit.num_samples
     d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
           f"{len(train)} steps/epoch/rank, DALI ({train.settings()['decoder']}, {workers} threads, "
           f"{train.py_workers} reader processes)/rank")
-    return Data(train, val, num_classes, feed, val_feed, augment, workers)
+    return Data(train, val, num_classes, feed, val_feed, augment, workers, info.identity(), val_samples)

@@ -108,9 +108,11 @@ class ShardIndex:
                         self.offset[base + i], self.size[base + i] = f.tell(), size
                     elif ext == "cls":
                         try:
-                            self.label[base + i] = int(read())
+                            label = int(read())
                         except ValueError:
-                            pass
+                            continue
+                        if 0 <= label < 2**31:  # else it stays -1: a bad sample, skipped and counted
+                            self.label[base + i] = label
             first_lost, why = i + 1, f"holds {i + 1} samples, _info.json lists {n}"
         except (ShardCorrupt, OSError) as e:  # the sample being read when it broke is lost too
             first_lost, why = max(i, 0), str(e)
@@ -303,7 +305,8 @@ class DaliLoader:
     def __init__(self, split, *, train: bool, batch_size: int, img_size: int = 224, seed: int = 0,
                  world_size: int = 1, rank: int = 0, num_threads: int = 2, py_workers: int | None = None,
                  decode: str = "cpu", device_id: int | None = None, crop_pct: float = 0.875,
-                 interpolation: str | None = None, pin_memory: bool = False, index: ShardIndex | None = None):
+                 interpolation: str | None = None, pin_memory: bool = False, index: ShardIndex | None = None,
+                 num_classes: int | None = None):
         missing = dali_missing()
         if missing:
             raise ConfigError(missing)
@@ -313,6 +316,8 @@ class DaliLoader:
             raise ConfigError("--loader dali --decode gpu needs a CUDA device (DALI's mixed decoder)")
         check_local_shards(split)
         self.index = index or ShardIndex(split.urls, split.lengths)
+        if num_classes:  # a label the model has no output for is a bad sample, as in our loader
+            self.index.label[self.index.label >= num_classes] = -1
         self.train, self.batch_size, self.img_size = train, batch_size, img_size
         self.interpolation = interpolation or ("bilinear" if train else "bicubic")
         if self.interpolation not in INTERPOLATIONS + (("random",) if train else ()):

@@ -16,6 +16,9 @@ resized to, and the offset of the output window in that resized image.
 Reduced-size decoding: when the box is at least twice the size it is resized to in both
 directions, the JPEG is decoded by PIL at 1/2, 1/4 or 1/8 scale (libjpeg-turbo DCT scaling,
 `Image.draft`).
+
+Before anything is decoded, the size in the image's header (a JPEG's frame header, PIL's header
+read for other formats) is held against MAX_PIXELS. 16-bit images become 8-bit.
 """
 from __future__ import annotations
 
@@ -28,22 +31,44 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .geometry import INTERPOLATIONS, Geometry, crop_geometry, eval_geometry, pick_interpolation, rrc_box
-from .jpeg import jpeg_header
+from .jpeg import MAX_PIXELS, jpeg_header
 
 # PIL hands over read-only buffers; we only ever read them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
-__all__ = ["DecodeError", "EvalTransform", "Geometry", "INTERPOLATIONS", "TrainTransform", "crop_geometry",
-           "decode", "eval_geometry", "jpeg_header", "resize_into", "rrc_box"]
+__all__ = ["DecodeError", "EvalTransform", "Geometry", "INTERPOLATIONS", "TrainTransform", "check_pixels",
+           "crop_geometry", "decode", "eval_geometry", "jpeg_header", "resize_into", "rrc_box"]
 
 class DecodeError(Exception):
     """The bytes are not a decodable image."""
 
 
+def check_pixels(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise DecodeError(f"{width}x{height} pixels is over the limit of {MAX_PIXELS:,} (a decompression bomb?)")
+
+
+def _header_size(data) -> tuple[int, int]:
+    """(width, height) of a non-JPEG image from its header, without decoding the pixels; an
+    image whose size cannot be read this way is not decoded at all."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise DecodeError(f"over the pixel limit: {e}") from None
+    except Exception as e:  # PIL raises several types for what it cannot identify
+        raise DecodeError(f"unreadable image header ({type(e).__name__}: {e})") from None
+
+
 def _decode_tv(data) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image
     buf = data if isinstance(data, torch.Tensor) else torch.frombuffer(data, dtype=torch.uint8)
-    return decode_image(buf, mode=ImageReadMode.RGB)
+    img = decode_image(buf, mode=ImageReadMode.RGB)
+    if img.dtype != torch.uint8:  # 16-bit PNG: keep the high byte
+        img = (img.to(torch.int32) >> 8).to(torch.uint8)
+    return img
 
 
 def _decode_pil(data, width=None, height=None, factor: float = 1.0) -> torch.Tensor:
@@ -77,9 +102,11 @@ def decode(data, box_fn, out_hw, decoder: str = "tv", reduce: bool = True):
     try:
         header = jpeg_header(data)
         if header is None:  # PNG, WebP, a damaged JPEG...: decode first, then crop
+            check_pixels(*_header_size(data))
             img = _decode_tv(data) if decoder == "tv" else _decode_pil(data)
             return img, box_fn(img.shape[2], img.shape[1])
         width, height, _ = header
+        check_pixels(width, height)
         box = box_fn(width, height)
         if isinstance(box, Geometry):
             out_hw = (box.rh, box.rw)

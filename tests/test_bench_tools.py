@@ -179,3 +179,11 @@ def test_gpu_bench_tiny_runs_every_stage_on_the_cpu(tmp_path, gpu_bench_data, cp
         ratio = results["ratios"][f"e2e {name} / compute eager"]
         assert ratio == pytest.approx(e2e["fps"] / compute["fps"], abs=2e-3) and f"e2e {name} / compute eager" in out
     assert not results["refused"]
+
+
+def test_bench_control_compares_steps_with_and_without_the_check():
+    result, out = run_tool("tools/bench_control.py", "--steps", "20", "--work-ms", "2", "--rounds", "1")
+    assert result["step_ms"] > 0 and result["step_with_check_ms"] > 0 and result["poll_alone_us"] > 0
+    assert result["check_us_per_step"] == pytest.approx(
+        (result["step_with_check_ms"] - result["step_ms"]) * 1e3, abs=2.0)
+    assert result["procs"] == 2 and "round 0" in out
