@@ -22,6 +22,8 @@ from model.schedule import (
     SCHEDULES,
 )
 
+from .control import parse_interval
+
 DESCRIPTION = ("Train a timm model (default gluon_resnet50_v1b) on ImageNet streamed from tar shards, fast. "
                "Without --data_path it trains on a built-in demo dataset.")
 
@@ -59,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-classes", type=int, default=None,
                    help="classes of the model's head (default: from _info.json; must match it)")
     g.add_argument("--decode", default="cpu", choices=("cpu", "pil", "gpu"),
-                   help="cpu: torchvision in workers; pil: PIL in workers; gpu: nvJPEG on the device")
+                   help="cpu: torchvision in workers; pil: PIL in workers; gpu: nvJPEG on the device "
+                        "(with --loader dali: DALI's cpu or mixed decoder)")
+    g.add_argument("--loader", default="ours", choices=("ours", "dali"),
+                   help="ours: pipeline/ in DataLoader workers; dali: NVIDIA DALI fed from the same epoch plan "
+                        "(optional: pip install -r requirements-dali.txt)")
     g.add_argument("--shuffle-buffer", type=int, default=2048, help="samples per worker")
     g.add_argument("--prefetch-factor", type=int, default=4, help="batches queued per worker")
     g.add_argument("--use-multi-epochs-loader", action=argparse.BooleanOptionalAction, default=True,
@@ -72,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aa", default=None, metavar="POLICY",
                    help="RandAugment policy, e.g. rand-m9-mstd0.5, in the workers (turns colour jitter off)")
     g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability per image")
-    g.add_argument("--remode", default="pixel", choices=("pixel", "rand", "const"), help="random erasing fill")
+    g.add_argument("--remode", default="const", choices=("pixel", "rand", "const"),
+                   help="random erasing fill (the port's train.py l.210: const; timm 1.0: pixel)")
     g.add_argument("--recount", type=int, default=1, help="random erasing: at most this many boxes")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha; > 0 turns mixup on")
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha; > 0 turns cutmix on")
@@ -92,8 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load these weights after initialisation (weights only; --resume continues a run)")
     g.add_argument("--drop-path", type=float, default=None, help="drop path (stochastic depth) rate")
     g.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes")
-    g.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),
-                   help="after each epoch, average (reduce) or copy rank 0's (broadcast) BN statistics; '': neither")
+    g.add_argument("--dist-bn", default="", choices=("reduce", "broadcast", ""),
+                   help="after each epoch, average (reduce) or copy rank 0's (broadcast) BN statistics; '': "
+                        "neither, per-rank statistics as the port's train.py (l.252; timm 1.0: reduce)")
+    g.add_argument("--ddp-broadcast-buffers", action=argparse.BooleanOptionalAction, default=False,
+                   help="DDP copies rank 0's buffers (BN statistics) before every forward "
+                        "(the port: off; timm 1.0: on)")
     g.add_argument("--model-ema", action="store_true", help="keep, validate and save an EMA of the weights")
     g.add_argument("--model-ema-decay", type=float, default=0.9998)
     g.add_argument("--model-ema-warmup", action="store_true", help="timm's EMA decay warmup")
@@ -145,7 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--output", default=None, help="folder for metrics.jsonl, config.json, checkpoints")
-    g.add_argument("--resume", default=None, help="checkpoint to continue from (next epoch)")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint to continue from, at the step it was written (mid-epoch included)")
+    g.add_argument("--auto-resume", action="store_true",
+                   help="continue from OUTPUT/last.pth when it exists (rerun the same command after a "
+                        "preemption), else start afresh (or from --resume)")
+    g.add_argument("--checkpoint-interval", default=None, metavar="N|Nm",
+                   help="also write last.pth every N optimizer steps (500), or every N minutes with an "
+                        "m suffix (10m; s and h work too), resumable at that step (default: epoch ends only)")
+    g.add_argument("--allow-other-data", action="store_true",
+                   help="resume even when the checkpoint was trained on another data set (its _info.json "
+                        "name, fingerprint or sample count differ); it continues at the next epoch")
+    g.add_argument("--max-missing", type=float, default=0.02, metavar="FRACTION",
+                   help="stop the run when more than this fraction of an epoch's training samples is "
+                        "missing (damaged or unreadable data, replaced by repeats)")
+    g.add_argument("--io-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="remote shards (http, pipe:): time allowed to connect, and the longest stall in the data")
+    g.add_argument("--io-retries", type=int, default=3,
+                   help="remote shards: retries after a failed read (waits 2, 4, 8 s...) before the run "
+                        "stops naming the shard")
     g.add_argument("--log-interval", type=int, default=50, help="steps between log lines (host syncs)")
     g.add_argument("--no-val", action="store_true", help="skip validation after each epoch")
     g.add_argument("--val-interval", type=int, default=1,
@@ -231,6 +260,8 @@ def check_args(args) -> None:
         raise ConfigError(f"mixup/cutmix pairs image i with image B-1-i: -b must be even (got {args.batch_size})")
     if args.cutmix_minmax is not None and not 0 <= args.cutmix_minmax[0] < args.cutmix_minmax[1] <= 1:
         raise ConfigError("--cutmix-minmax needs 0 <= MIN < MAX <= 1")
+    if args.aa is not None and args.loader == "dali":
+        raise ConfigError("--aa runs in our loader's workers: it does not combine with --loader dali")
     if args.aa is not None and args.decode == "gpu":
         raise ConfigError("--aa runs on decoded pixels in the loader workers: it does not combine with --decode gpu")
     if args.aa is not None:
@@ -247,8 +278,20 @@ def check_args(args) -> None:
         raise ConfigError("--apex-amp runs float16 (O2); it cannot be combined with --amp-dtype bfloat16")
     if args.synthetic and args.decode != "cpu":
         raise ConfigError("--synthetic reads no data, so --decode does not apply")
+    if args.loader == "dali" and args.decode == "pil":
+        raise ConfigError("--loader dali decodes with DALI: choose --decode cpu or gpu")
     if not 0 < args.crop_pct <= 1:
         raise ConfigError("--crop-pct must be in (0, 1]")
+    try:
+        parse_interval(args.checkpoint_interval)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if args.auto_resume and not args.output:
+        raise ConfigError("--auto-resume needs --output (it resumes from OUTPUT/last.pth)")
+    if not 0 <= args.max_missing <= 1:
+        raise ConfigError("--max-missing must be a fraction between 0 and 1")
+    if not args.io_timeout > 0 or args.io_retries < 0:
+        raise ConfigError("--io-timeout must be positive and --io-retries 0 or more")
     check_fast_args(args)
 
 
@@ -266,6 +309,9 @@ def check_fast_args(args) -> None:
         raise ConfigError("--val-res must be at least 1")
     if args.val_crop_pct is not None and not 0 < args.val_crop_pct <= 1:
         raise ConfigError("--val-crop-pct must be in (0, 1]")
+    if args.min_res is not None and args.loader == "dali":
+        raise ConfigError("progressive resizing (--min-res/--max-res) needs --loader ours: "
+                          "a DALI pipeline is built for one image size")
     if args.sched == "linear-step" and not 0 <= args.lr_peak_epoch < args.epochs:
         raise ConfigError(f"--lr-peak-epoch must be in [0, --epochs) for linear-step "
                           f"(got {args.lr_peak_epoch} with {args.epochs} epochs)")

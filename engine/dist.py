@@ -78,3 +78,21 @@ def distribute_bn(model, d: Dist, mode: str) -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator",
+              "ProcessGroupNCCL", "ProcessGroupHCCL")
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """One line when a collective failed because another rank died; None for anything else."""
+    if not (isinstance(error, RuntimeError) and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1):
+        return None
+    text = str(error).strip()
+    if not (isinstance(error, dist.DistError) or any(s in text for s in _PEER_LOST)):
+        return None
+    first = text.splitlines()[0] if text else type(error).__name__
+    if first.startswith("[") and "] " in first:  # gloo's "[.../pair.cc:561] Connection closed ..."
+        first = first.split("] ", 1)[1]
+    return f"lost another rank ({first.split('. ')[0]}); see its own error above"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .jpeg import jpeg_header
-from .transforms import INTERPOLATIONS, Geometry
+from .transforms import INTERPOLATIONS, Geometry, check_pixels
 
 _GPU_OK_COMPONENTS = (1, 3)
 
@@ -50,6 +50,7 @@ class JpegBatches:
     def add(self, i: int, data, label: int, rng) -> None:
         header = jpeg_header(data)
         if header is not None and header[2] in _GPU_OK_COMPONENTS:
+            check_pixels(header[0], header[1])
             geom = self.transform.geometry(header[0], header[1], rng)
             mode = INTERPOLATIONS.index(self.transform.mode(rng))
             self.items.append((i, data, geom, self.transform.flip(rng), label, mode))

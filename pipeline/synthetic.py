@@ -17,6 +17,7 @@ class SyntheticBatches:
         self.images = torch.randint(0, 256, (batch_size, img_size, img_size, 3),
                                     dtype=torch.uint8, generator=g).to(device)
         self.labels = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
+        self.device, self.seed = device, seed
         self.steps = steps
         self.served = 0
 
@@ -25,6 +26,12 @@ class SyntheticBatches:
 
     def set_epoch(self, epoch: int) -> None:
         pass
+
+    def set_img_size(self, size: int) -> None:
+        if size != self.images.shape[1]:
+            g = torch.Generator().manual_seed(self.seed + size)
+            self.images = torch.randint(0, 256, (len(self.labels), size, size, 3), dtype=torch.uint8,
+                                        generator=g).to(self.device)
 
     def stats(self) -> dict:
         counts = dict.fromkeys(STATS, 0)

@@ -16,89 +16,59 @@ resized to, and the offset of the output window in that resized image.
 Reduced-size decoding: when the box is at least twice the size it is resized to in both
 directions, the JPEG is decoded by PIL at 1/2, 1/4 or 1/8 scale (libjpeg-turbo DCT scaling,
 `Image.draft`).
+
+Before anything is decoded, the size in the image's header (a JPEG's frame header, PIL's header
+read for other formats) is held against MAX_PIXELS. 16-bit images become 8-bit.
 """
 from __future__ import annotations
 
 import io
 import math
 import warnings
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .jpeg import jpeg_header
+from .geometry import INTERPOLATIONS, Geometry, crop_geometry, eval_geometry, pick_interpolation, rrc_box
+from .jpeg import MAX_PIXELS, jpeg_header
 
 # PIL hands over read-only buffers; we only ever read them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
-__all__ = ["DecodeError", "EvalTransform", "Geometry", "TrainTransform", "decode", "eval_geometry", "jpeg_header",
-           "resize_into", "rrc_box"]
-
-INTERPOLATIONS = ("bilinear", "bicubic")  # timm's 'random' picks one of these per image
-
+__all__ = ["DecodeError", "EvalTransform", "Geometry", "INTERPOLATIONS", "TrainTransform", "check_pixels",
+           "crop_geometry", "decode", "eval_geometry", "jpeg_header", "resize_into", "rrc_box"]
 
 class DecodeError(Exception):
     """The bytes are not a decodable image."""
 
 
-def rrc_box(width: int, height: int, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop.get_params as timm's RandomResizedCropAndInterpolation
-    draws it from Python's `random`, on a `random.Random`: (x, y, w, h), the same draws."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            y = rng.randint(0, height - h)  # top first, as torchvision and timm draw them
-            return rng.randint(0, width - w), y, w, h
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
+def check_pixels(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise DecodeError(f"{width}x{height} pixels is over the limit of {MAX_PIXELS:,} (a decompression bomb?)")
 
 
-class Geometry(NamedTuple):
-    """Crop box (x, y, w, h) in source pixels, resized to (rh, rw), output cut at (top, left)."""
-    x: int
-    y: int
-    w: int
-    h: int
-    rh: int
-    rw: int
-    top: int = 0
-    left: int = 0
-
-
-def crop_geometry(box, size: int) -> Geometry:
-    """A box resized straight to the output (the train crop)."""
-    return Geometry(*box, size, size, 0, 0)
-
-
-def eval_geometry(width: int, height: int, size: int, crop_pct: float) -> Geometry:
-    """timm's eval transform: Resize(floor(size / crop_pct)) of the shorter side, CenterCrop(size),
-    with torchvision's rounding (timm/data/transforms_factory.py transforms_imagenet_eval;
-    torchvision _compute_resized_output_size and center_crop)."""
-    short = math.floor(size / crop_pct)
-    if width <= height:
-        rw, rh = short, int(short * height / width)
-    else:
-        rw, rh = int(short * width / height), short
-    return Geometry(0, 0, width, height, rh, rw, int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0)))
+def _header_size(data) -> tuple[int, int]:
+    """(width, height) of a non-JPEG image from its header, without decoding the pixels; an
+    image whose size cannot be read this way is not decoded at all."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise DecodeError(f"over the pixel limit: {e}") from None
+    except Exception as e:  # PIL raises several types for what it cannot identify
+        raise DecodeError(f"unreadable image header ({type(e).__name__}: {e})") from None
 
 
 def _decode_tv(data) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image
     buf = data if isinstance(data, torch.Tensor) else torch.frombuffer(data, dtype=torch.uint8)
-    return decode_image(buf, mode=ImageReadMode.RGB)
+    img = decode_image(buf, mode=ImageReadMode.RGB)
+    if img.dtype != torch.uint8:  # 16-bit PNG: keep the high byte
+        img = (img.to(torch.int32) >> 8).to(torch.uint8)
+    return img
 
 
 def _decode_pil(data, width=None, height=None, factor: float = 1.0) -> torch.Tensor:
@@ -132,9 +102,11 @@ def decode(data, box_fn, out_hw, decoder: str = "tv", reduce: bool = True):
     try:
         header = jpeg_header(data)
         if header is None:  # PNG, WebP, a damaged JPEG...: decode first, then crop
+            check_pixels(*_header_size(data))
             img = _decode_tv(data) if decoder == "tv" else _decode_pil(data)
             return img, box_fn(img.shape[2], img.shape[1])
         width, height, _ = header
+        check_pixels(width, height)
         box = box_fn(width, height)
         if isinstance(box, Geometry):
             out_hw = (box.rh, box.rw)
@@ -192,7 +164,7 @@ class TrainTransform:
         return crop_geometry(self.box(width, height, rng), self.size)
 
     def mode(self, rng) -> str:
-        return rng.choice(INTERPOLATIONS) if self.interpolation == "random" else self.interpolation
+        return pick_interpolation(self.interpolation, rng)
 
     def flip(self, rng) -> bool:
         return self.hflip > 0 and rng.random() < self.hflip

@@ -254,7 +254,9 @@ def test_val_res_and_val_crop_pct_set_the_eval_transform(demo_shards):
                        "-vb", "4"])
     data = make_data(args, setup_distributed("cpu"))
     data.val.set_epoch(0)
-    images, labels = next(iter(data.val))
+    it = iter(data.val)
+    images, labels = (t.clone() for t in next(it))  # before the pooled buffer goes back to its worker
+    del it
     assert images.shape == (4, 48, 48, 3)
     with open_shard(load_info(str(demo_shards)).split("validation").urls[0]) as f:
         samples = [image_and_label(s) for s, _ in zip(iter_samples(f), range(4))]

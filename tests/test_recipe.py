@@ -40,7 +40,8 @@ def test_defaults_are_the_reference_run():
     assert args.lr is None and (args.lr_base, args.lr_base_size, args.lr_base_scale) == (0.2, 256, "")
     assert scale_lr(args.lr_base, 8 * args.batch_size, args.lr_base_size) == pytest.approx(1.6)  # 8p script
     assert scale_lr(args.lr_base, 1 * args.batch_size, args.lr_base_size) == pytest.approx(0.2)  # 1p script
-    assert args.aa is None and args.remode == "pixel" and not args.model_ema and args.dist_bn == "reduce"
+    assert args.aa is None and args.remode == "const" and not args.model_ema and args.dist_bn == ""
+    assert not args.ddp_broadcast_buffers  # the port: NativeDDP(..., broadcast_buffers=False)
 
 
 @pytest.mark.parametrize("name,world,lr", [("reference_8p.yaml", 8, 1.6), ("reference_1p.yaml", 1, 0.2)])
@@ -192,6 +193,7 @@ def test_pretrained_without_weights_is_one_line(monkeypatch, tmp_path, capsys):
     (["--mixup", "0.5", "-b", "7"], "-b must be even"),
     (["--aa", "augmix-m5"], "RandAugment"),
     (["--aa", "rand-m9", "--decode", "gpu"], "does not combine with --decode gpu"),
+    (["--aa", "rand-m9", "--loader", "dali"], "does not combine with --loader dali"),
     (["--reprob", "1.5"], "--reprob must be in [0, 1]"),
     (["--cutmix-minmax", "0.8", "0.2"], "--cutmix-minmax"),
     (["--val-interval", "0"], "--val-interval must be at least 1"),
