@@ -122,6 +122,10 @@ class Trainer:
         d.say(f"optimizer: {opt_desc}; LR {self.lr:g} for global batch {global_batch}, "
               f"{args.sched} schedule stepped per {'update' if args.sched_on_updates else 'epoch'}")
         d.say(f"precision: {self.precision.describe()}")
+        r = self.resolution
+        if r.progressive:
+            d.say(f"progressive resizing: {r.min_res} px to epoch {r.start_ramp}, {r.max_res} px from epoch "
+                  f"{r.end_ramp} (sizes {', '.join(map(str, r.sizes(args.epochs)))})")
 
     # ------------------------------------------------------------------ resume
     def _resume_path(self) -> str | None:

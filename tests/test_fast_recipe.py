@@ -308,3 +308,81 @@ def test_fast_configs_mirror_ffcvs_rn50_configs(epochs):
     for e in (0, 1, 2, epochs // 2, epochs - 1):
         for ix in (0, 155, 311):
             assert lr_at(e * 312 + ix, cfg) == ffcv_lr_at(e, ix, 312, 1.7, epochs, 2)
+
+
+# ---------------------------------------------------------------- progressive resizing
+def _epoch_batches(loader, epoch, size=None):
+    loader.set_epoch(epoch)
+    if size is not None:
+        loader.set_img_size(size)
+    return [(images.clone(), labels.clone()) for images, labels in loader]  # before the buffer is reused
+
+
+def test_persistent_workers_change_size_per_epoch_in_buffers_sized_for_the_largest(demo_shards):
+    """The size set before an epoch reaches workers that live across epochs; each epoch equals a
+    fresh loader made at that size, bit for bit; the pooled buffers were made for the largest size,
+    so no new ones appear when the size changes."""
+    from pipeline.info import load_info
+    from pipeline.loader import create_loader
+    split = load_info(str(demo_shards)).split("train")
+    common = dict(train=True, batch_size=8, num_workers=2, seed=3, shuffle_buffer=16, prefetch_factor=1)
+    loader = create_loader(split, img_size=32, largest_img_size=64, reuse_buffers=True, **common)
+    sizes = {0: 32, 1: 64, 2: 48}
+    got = {e: _epoch_batches(loader, e, s) for e, s in sizes.items()}
+    for e, s in sizes.items():
+        assert len(got[e]) == len(loader) == 126 // 8 and {b[0].shape for b in got[e]} == {(8, s, s, 3)}
+        fresh = create_loader(split, img_size=s, persistent=False, **common)
+        want = _epoch_batches(fresh, e)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got[e], want)), e
+    pool = 2 * (1 + 2)  # workers x (prefetch_factor + 2)
+    assert 0 < loader.stats()["new_buffers"] <= pool
+    with pytest.raises(ValueError, match="above the largest"):
+        loader.set_img_size(96)
+
+
+@pytest.mark.slow
+def test_progressive_run_keeps_exact_epochs_and_resumes_at_any_epoch(demo_shards, tmp_path, capsys):
+    """32, 64 then 96 px (FFCV's get_resolution with min 32, max 96, ramp 0..2) in persistent
+    workers: every epoch has its steps at its size; stopped after epoch 0 and after epoch 1 and
+    resumed each time, the run follows the uninterrupted one."""
+    from tests.test_train import read_metrics
+    common = ["--data_path", str(demo_shards), *SMALL, "-b", "16", "-j", "2", "--no-val", "--epochs", "3",
+              "--min-res", "32", "--max-res", "96", "--start-ramp", "0", "--end-ramp", "2",
+              "--sched", "linear-step", "--lr-peak-epoch", "1", "--sched-on-updates"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    assert train_stream.main([*common, "--output", straight]) == 0, capsys.readouterr().err
+    for argv in (["--stop-after", "1"], ["--resume", f"{resumed}/last.pth", "--stop-after", "1"],
+                 ["--resume", f"{resumed}/last.pth"]):
+        assert train_stream.main([*common, "--output", resumed, *argv]) == 0, capsys.readouterr().err
+    a = [r for r in read_metrics(straight) if r["kind"] == "train"]
+    b = [r for r in read_metrics(resumed) if r["kind"] == "train"]
+    steps = 126 // 16
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 3 * steps + 1))
+    assert [r["img_size"] for r in a] == [r["img_size"] for r in b] == [32] * steps + [64] * steps + [96] * steps
+    assert [ffcv_get_resolution(e, 32, 96, 2, 0) for e in range(3)] == [32, 64, 96]
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4, abs=1e-4)
+    epochs = [r for r in read_metrics(straight) if r["kind"] == "epoch"]
+    assert [(r["steps_min"], r["steps_max"]) for r in epochs] == [(steps, steps)] * 3
+    wa = torch.load(f"{straight}/last.pth", weights_only=True)["model"]
+    wb = torch.load(f"{resumed}/last.pth", weights_only=True)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+
+
+def test_torchcompile_makes_one_static_graph_per_training_size():
+    """Under --torchcompile each size compiles once, with static shapes (torch's default would
+    switch to one dynamic-shape graph at the second size); going back to a size reuses its graph."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = make_trainer(["--synthetic", *SMALL, "--torchcompile", "eager", "--min-res", "32", "--max-res", "96",
+                            "--end-ramp", "2"])
+    for step, size in enumerate((32, 64, 96, 32)):
+        trainer.data.train.set_img_size(size)
+        images, labels = next(iter(trainer.data.feed(trainer.data.train)))
+        assert images.shape[-1] == size
+        trainer.step(images, labels, step)
+    assert counters["stats"]["unique_graphs"] == 3
+    torch._dynamo.reset()
