@@ -187,3 +187,59 @@ def test_bench_control_compares_steps_with_and_without_the_check():
     assert result["check_us_per_step"] == pytest.approx(
         (result["step_with_check_ms"] - result["step_ms"]) * 1e3, abs=2.0)
     assert result["procs"] == 2 and "round 0" in out
+
+
+def test_bench_resolution_compute_data_and_loader(tmp_path, capsys):
+    """Ratios per image size from one model, and per size and shard set from one set of loaders
+    (in this process: the tool's main)."""
+    import bench_resolution
+    assert bench_resolution.main(["compute", "--model", "resnet10t", "--sizes", "32", "48", "-b", "4",
+                                  "--steps", "1", "--warmup", "1", "--rounds", "1", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rates = result["img_per_s"]
+    assert set(rates) == {"32", "48"} and result["vs_48"]["32"] == pytest.approx(rates["32"] / rates["48"], abs=2e-3)
+    assert result["pixels_48_over"]["32"] == 2.25 and result["settings"]["device"] == "cpu"
+    assert bench_resolution.main(["data", str(tmp_path), "--image-size", "640", "480", "--images", "20"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["full"]["resized"] == 0 and data["500"]["resized"] > 0 and data["500"]["mb"] < data["full"]["mb"]
+    paths = [data["full"]["path"], data["500"]["path"]]
+    assert bench_resolution.main(["loader", "--data_path", *paths, "--sizes", "32", "64", "-j", "1", "-b", "4",
+                                  "--steps", "2", "--warmup", "1", "--rounds", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rates = result["img_per_s"]
+    assert len(rates) == 4 and all(v > 0 for v in rates.values())
+    assert result["vs_first_data"]["64"][paths[1]] == pytest.approx(
+        rates[f"{paths[1]}@64"] / rates[f"{paths[0]}@64"], abs=2e-3)
+    assert result["vs_64px"][paths[0]]["32"] == pytest.approx(rates[f"{paths[0]}@32"] / rates[f"{paths[0]}@64"],
+                                                             abs=2e-3)
+
+
+def test_bench_resolution_counts_compiled_graphs(capsys):
+    """`compile` runs `compile-one` per mode in a fresh process; here one mode runs in this one
+    (tests/test_fast_recipe.py compares static graphs with torch's default)."""
+    import bench_resolution
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    assert bench_resolution.main(["compile-one", "--mode", "static", "--backend", "eager", "--device", "cpu",
+                                  "--sizes", "32", "48", "32", "--steps", "1", "-b", "2"]) == 0
+    torch._dynamo.reset()
+    static = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert static["graphs"] == 2  # one per size, none for the repeat
+    assert [(s, new) for s, _, new in static["first_step_s"]] == [(32, True), (48, True), (32, False)]
+
+
+def test_time_to_accuracy_reads_the_first_validation_at_the_target(tmp_path, capsys):
+    import time_to_accuracy
+    rows = [{"kind": "config", "time": 100.0}, {"kind": "train", "time": 110.0},
+            {"kind": "val", "epoch": 0, "top1": 50.0, "time": 120.0},
+            {"kind": "val", "epoch": 1, "top1": 91.0, "time": 150.5},
+            {"kind": "val", "epoch": 2, "top1": 95.0, "time": 180.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert time_to_accuracy.main([str(tmp_path), "--target", "90"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
+    assert (result["seconds_to_target"], result["epoch_reached"], result["best_top1"]) == (50.5, 1, 95.0)
+    assert result["total_seconds"] == 80.0
+    assert time_to_accuracy.main([str(tmp_path), "--target", "99"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]["seconds_to_target"] is None

@@ -21,7 +21,7 @@ compile  how torch.compile meets a change of image size: each mode in a fresh pr
          empty inductor cache; graphs compiled, seconds of each first step at a new size, steady
          ms per step. static = model.factory.compile_model (what train_stream.py does), auto =
          torch.compile's default (automatic dynamic shapes), dynamic = dynamic=True.
-The last stdout line of each is a JSON object.
+The last stdout line of each is a JSON object (with the machine under `host`).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
-from common.host import usable_cores  # noqa: E402
+from engine.runtime import compute_settings, describe_host, host_facts, resolve_workers  # noqa: E402
 
 
 def _ratios(rates: dict, base) -> dict:
@@ -86,8 +86,8 @@ def compute(args) -> dict:
     return {"img_per_s": rates, f"vs_{base}": _ratios(rates, base),
             f"pixels_{base}_over": {str(s): round((args.sizes[-1] / s) ** 2, 4) for s in args.sizes},
             "model": args.model, "batch_size": args.batch_size, "blurpool": args.blurpool,
-            "compile": args.torchcompile, "device": dev.name(), "amp_dtype": trainer.precision.dtype_name,
-            "steps": args.steps, "rounds": args.rounds, "torch": torch.__version__}
+            "compile": args.torchcompile, "steps": args.steps, "rounds": args.rounds,
+            "settings": compute_settings(dev, trainer.precision, targs.channels_last)}
 
 
 # ---------------------------------------------------------------- data
@@ -112,7 +112,7 @@ def data(args) -> dict:
 def loader(args) -> dict:
     from pipeline.info import load_info
     from pipeline.loader import create_loader
-    workers = args.workers if args.workers is not None else max(1, usable_cores() - 1)
+    workers = resolve_workers(args.workers)  # train_stream.py's -j default
     loaders = {}
     for path in args.data_path:
         split = load_info(path).split("train")
@@ -150,8 +150,7 @@ def loader(args) -> dict:
     by_size = {p: _ratios({str(s): rates[f"{p}@{s}"] for s in args.sizes}, str(base)) for p in args.data_path}
     by_data = {str(s): _ratios({p: rates[f"{p}@{s}"] for p in args.data_path}, first) for s in args.sizes}
     return {"img_per_s": rates, f"vs_{base}px": by_size, "vs_first_data": by_data, "workers": workers,
-            "cores": usable_cores(), "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
-            "torch": torch.__version__}
+            "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds}
 
 
 # ---------------------------------------------------------------- compile
@@ -215,7 +214,7 @@ def compile_modes(args) -> dict:
         print(f"{mode}: {r['graphs']} graph(s); first steps (size, s, new size): {r['first_step_s']}; "
               f"steady ms/step: {r['steady_ms']}", flush=True)
     return {"modes": results, "sizes": args.sizes, "model": args.model, "batch_size": args.batch_size,
-            "backend": args.backend, "device": args.device, "torch": torch.__version__}
+            "backend": args.backend, "device": args.device}
 
 
 def main(argv=None) -> int:
@@ -238,7 +237,7 @@ def main(argv=None) -> int:
     ld = sub.add_parser("loader", help="loader img/s per image size and shard folder")
     ld.add_argument("--data_path", "--data-path", dest="data_path", nargs="+", required=True)
     ld.add_argument("--sizes", type=int, nargs="+", default=[160, 224])
-    ld.add_argument("-j", "--workers", type=int, default=None, help="default: cores - 1")
+    ld.add_argument("-j", "--workers", type=int, default=None, help="default: train_stream.py's (cores - 1)")
     ld.add_argument("-b", "--batch-size", type=int, default=64)
     ld.add_argument("--steps", type=int, default=20)
     ld.add_argument("--warmup", type=int, default=3)
@@ -261,6 +260,9 @@ def main(argv=None) -> int:
     run = {"compute": compute, "data": data, "loader": loader, "compile": compile_modes,
            "compile-one": compile_one}[args.command]
     result = run(args)
+    if args.command != "compile-one":
+        result["host"] = host_facts()
+        print(f"host: {describe_host(result['host'])}")
     print(json.dumps(result))
     return 0
 
