@@ -11,6 +11,9 @@ Runbook:
   torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
       train_stream.py --data_path /data/imagenet-wds    # several nodes
   python train_stream.py --resume runs/r50/last.pth ... # continue at the next epoch
+  python tools/make_shards.py /data/imagenet --out /data/in500-wds --resize-max 500 --jpeg-quality 90
+  torchrun --nproc_per_node=8 train_stream.py --data_path /data/in500-wds -c configs/fast_16ep.yaml
+                                                          # FFCV's 16-epoch ResNet-50 recipe (README "Recipes")
 
 Flags keep the meaning they have in timm's train.py (the reference port): -b is the batch per
 device, the LR scales with the global batch. `-c CONFIG.yaml` sets defaults for any flag.

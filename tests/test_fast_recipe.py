@@ -298,7 +298,8 @@ def test_fast_configs_mirror_ffcvs_rn50_configs(epochs):
                 smoothing=0.1, min_res=160, max_res=192, start_ramp=start, end_ramp=end, blurpool=True,
                 val_res=256, val_crop_pct=224 / 256, val_tta="flip", validation_batch_size=512,
                 color_jitter=0.0, zero_init_last=False, lr=None, aa=None, mixup=0.0, cutmix=0.0, reprob=0.0,
-                model_ema=False, train_interpolation="bilinear", interpolation="bilinear")
+                model_ema=False, train_interpolation="bilinear", interpolation="bilinear",
+                ddp_broadcast_buffers=True, dist_bn="")
     assert {k: getattr(args, k) for k in want} == want
     assert scale_lr(args.lr_base, 8 * args.batch_size, args.lr_base_size) == 1.7
     res = ResolutionSchedule.from_args(args)
