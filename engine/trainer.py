@@ -447,7 +447,7 @@ class Trainer:
             "data_wait_fraction": round(wait / elapsed, 4), "synthetic": bool(args.synthetic),
             "data": "synthetic" if args.synthetic else f"shards, decode {args.decode}",
             "loader": None if args.synthetic else args.loader,
-            "model": args.model, "img_size": args.img_size, "channels_last": args.channels_last,
+            "model": args.model, "img_size": int(images.shape[-1]), "channels_last": args.channels_last,
             "compile": args.torchcompile, "compile_mode": args.compile_mode, "seconds": round(elapsed, 3),
             "final_loss": round(float(last), 4),
             "peak_mem_gb": round(self.dev.max_memory_allocated() / 2**30, 3),

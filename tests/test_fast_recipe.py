@@ -175,6 +175,7 @@ def test_resolution_without_progressive_resizing_is_img_size():
     (["--start-ramp", "5", "--end-ramp", "3"], "start <= end"),
     (["--val-res", "0"], "--val-res"),
     (["--val-crop-pct", "1.5"], "--val-crop-pct"),
+    (["--loader", "dali", "--min-res", "160", "--max-res", "192"], "needs --loader ours"),
 ])
 def test_fast_flag_errors(argv, message):
     with pytest.raises(ConfigError, match=message):
