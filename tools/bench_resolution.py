@@ -6,7 +6,7 @@
                                              [--blurpool] [--torchcompile [BACKEND]]
     python tools/bench_resolution.py data DIR [--image-size 1024 768] [--images 2000]
     python tools/bench_resolution.py loader --data_path DIR [DIR ...] [--sizes 160 224] [-j N] [-b 64]
-                                            [--steps 20] [--warmup 3] [--rounds 3]
+                                            [--steps N] [--warmup 3] [--rounds 3]
     python tools/bench_resolution.py compile [--sizes 64 96 128 64] [--model resnet10t] [-b 8]
                                              [--backend inductor] [--modes static auto dynamic]
 
@@ -42,7 +42,7 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
-from engine.runtime import compute_settings, describe_host, host_facts, resolve_workers  # noqa: E402
+from engine.runtime import compute_settings, configure_torch, describe_host, host_facts, resolve_workers  # noqa: E402
 
 
 def _ratios(rates: dict, base) -> dict:
@@ -61,6 +61,7 @@ def compute(args) -> dict:
     argv += ["--torchcompile", args.torchcompile] if args.torchcompile else []
     targs = parse_args(argv)
     d = setup_distributed(targs.device, targs.device_id, targs.local_rank)
+    configure_torch()  # train_stream.py's switches (cudnn.benchmark, TF32)
     with contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(targs, d, make_data(targs, d))
     dev, g = d.device, torch.Generator().manual_seed(0)
@@ -123,17 +124,18 @@ def loader(args) -> dict:
     epoch = {key: 0 for key in loaders}
 
     def rate(key) -> float:
-        ld, need = loaders[key], args.warmup + args.steps
-        if need > len(ld):
+        ld = loaders[key]
+        steps = args.steps or len(ld) - args.warmup  # default: the rest of the epoch
+        if args.warmup + steps > len(ld) or steps < 1:
             raise SystemExit(f"bench_resolution: {key[0]} has {len(ld)} batches of {args.batch_size} per epoch; "
-                             f"--warmup + --steps need {need}: lower -b or --steps")
+                             f"--warmup + --steps need {args.warmup + steps}: lower -b or --steps")
         ld.set_epoch(epoch[key])
         epoch[key] += 1
         it = iter(ld)
         for _ in islice(it, args.warmup):
             pass
         t0 = time.perf_counter()
-        n = sum(len(labels) for _, labels in islice(it, args.steps))
+        n = sum(len(labels) for _, labels in islice(it, steps))
         elapsed = time.perf_counter() - t0
         for _ in it:  # finish the epoch so the persistent workers are ready for the next
             pass
@@ -150,7 +152,8 @@ def loader(args) -> dict:
     by_size = {p: _ratios({str(s): rates[f"{p}@{s}"] for s in args.sizes}, str(base)) for p in args.data_path}
     by_data = {str(s): _ratios({p: rates[f"{p}@{s}"] for p in args.data_path}, first) for s in args.sizes}
     return {"img_per_s": rates, f"vs_{base}px": by_size, "vs_first_data": by_data, "workers": workers,
-            "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds}
+            "batch_size": args.batch_size, "warmup": args.warmup, "steps": args.steps or "rest of epoch",
+            "rounds": args.rounds}
 
 
 # ---------------------------------------------------------------- compile
@@ -239,7 +242,7 @@ def main(argv=None) -> int:
     ld.add_argument("--sizes", type=int, nargs="+", default=[160, 224])
     ld.add_argument("-j", "--workers", type=int, default=None, help="default: train_stream.py's (cores - 1)")
     ld.add_argument("-b", "--batch-size", type=int, default=64)
-    ld.add_argument("--steps", type=int, default=20)
+    ld.add_argument("--steps", type=int, default=None, help="timed batches (default: the rest of the epoch)")
     ld.add_argument("--warmup", type=int, default=3)
     ld.add_argument("--rounds", type=int, default=3)
     for name in ("compile", "compile-one"):
