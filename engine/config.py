@@ -18,7 +18,7 @@ from model.schedule import (
     DEFAULT_WARMUP_LR,
 )
 
-DESCRIPTION = ("Train a timm model (default gluon_resnet50_v1b) on ImageNet streamed from tar shards, fast. "
+DESCRIPTION = ("Train a timm model (default resnet50.gluon_in1k, ResNet-50 v1b) on ImageNet streamed from tar shards, fast. "
                "Without --data_path it trains on a built-in demo dataset.")
 
 # The demo: the real model on a small learnable dataset at 64 px, short enough for a 2-core CPU
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic", action="store_true", help="device-resident random batches")
     g.add_argument("--demo-dir", default=".demo", help="where the demo data is cached")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="timm model name")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="timm model name; gluon_resnet50_v1b (the reference port's name) is an alias of the default")
     g.add_argument("--zero-init-last", action=argparse.BooleanOptionalAction, default=True,
                    help="zero the last BN of each residual block")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)

@@ -1,7 +1,8 @@
 """The model: any timm architecture, randomly initialised, on its device in channels-last layout.
 
-`gluon_resnet50_v1b` (the default) is timm's deprecated alias of `resnet50.gluon_in1k`: a
-ResNet-50 whose stride-2 downsampling sits in the 3x3 conv, 25,557,032 parameters.
+The default `resnet50.gluon_in1k` is ResNet-50 v1b (the stride-2 downsampling sits in the 3x3
+conv), 25,557,032 parameters. The reference port calls it `gluon_resnet50_v1b`, timm's old name:
+it is accepted as an alias, without timm's "deprecated model name" warning.
 """
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ from torch import nn
 
 from common.errors import ConfigError
 
-DEFAULT_MODEL = "gluon_resnet50_v1b"
+DEFAULT_MODEL = "resnet50.gluon_in1k"
+ALIASES = {"gluon_resnet50_v1b": DEFAULT_MODEL}  # the reference port's --model value
+
+
+def canonical_name(name: str) -> str:
+    return ALIASES.get(name, name)
 
 
 def _to_torch_device(device) -> torch.device | None:
@@ -29,6 +35,7 @@ def create_model(name: str = DEFAULT_MODEL, num_classes: int = 1000, zero_init_l
     without it, silently: the flag is a ResNet recipe detail, not a reason to refuse a model.
     Unknown names raise ConfigError.
     """
+    name = canonical_name(name)
     build = dict(pretrained=False, num_classes=num_classes, **kwargs)
     try:
         try:

@@ -21,14 +21,12 @@ from model.checkpoint import (
     unwrap_model,
 )
 from model.device import Device
-from model.factory import create_model
+from model.factory import DEFAULT_MODEL, create_model
 from model.optim import create_optimizer
 from model.precision import Precision
 from model.schedule import LRSchedule, ScheduleConfig
 
 CPU = Device("cpu")
-# timm warns that gluon_resnet50_v1b is the old name of resnet50.gluon_in1k
-pytestmark = pytest.mark.filterwarnings("ignore:Mapping deprecated model name")
 
 
 class FakeDDP(nn.Module):
@@ -42,8 +40,13 @@ class FakeDDP(nn.Module):
         return self.module(x)
 
 
+@pytest.mark.filterwarnings("error:Mapping deprecated model name")  # the alias must not warn
 def test_factory_gluon_resnet50_v1b():
-    model = create_model("gluon_resnet50_v1b")
+    assert DEFAULT_MODEL == "resnet50.gluon_in1k"
+    alias = create_model("gluon_resnet50_v1b")  # the reference port's name
+    model = create_model()
+    assert [(k, v.shape) for k, v in alias.state_dict().items()] == [
+        (k, v.shape) for k, v in model.state_dict().items()]
     assert sum(p.numel() for p in model.parameters()) == 25_557_032
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     # v1b: the stride-2 downsampling sits in the 3x3 conv of the bottleneck
