@@ -18,8 +18,8 @@ from model.schedule import (
     DEFAULT_WARMUP_LR,
 )
 
-DESCRIPTION = ("Train a timm model (default resnet50.gluon_in1k, ResNet-50 v1b) on ImageNet streamed from tar shards, fast. "
-               "Without --data_path it trains on a built-in demo dataset.")
+DESCRIPTION = ("Train a timm model (default resnet50.gluon_in1k, ResNet-50 v1b) on ImageNet streamed from "
+               "tar shards, fast. Without --data_path it trains on a built-in demo dataset.")
 
 # The demo: the real model on a small learnable dataset at 64 px, short enough for a 2-core CPU
 # (README: time and accuracy).
