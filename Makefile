@@ -1,13 +1,14 @@
 # Two entry points (README): `make demo` trains on the built-in demo data,
 # `make test` runs the test suite (lint + every test; CI runs it). Each creates or reuses .venv
 # and installs what it needs. `make test-fast` skips the tests marked slow (under a minute).
+# `make bench` runs every CPU benchmark (README: its time) -> bench-results.json + bench-results.md.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-fast lint bench clean
 
-$(VENV)/.deps: requirements.txt requirements-test.txt
+$(VENV)/.deps: requirements.txt requirements-test.txt requirements-dali.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $@
@@ -23,6 +24,9 @@ test: lint
 
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
+
+bench: $(VENV)/.deps
+	$(PY) tools/bench_all.py --out bench-results.json
 
 clean:
 	rm -rf $(VENV) .demo output .pytest_cache

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
+import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.jpeg import jpeg_frame
+from pipeline.jpeg import MAX_PIXELS, jpeg_frame
 
 TRANSCODE, RESIZE = 1, 2  # per-sample flags decided by the scan
 JPEG_QUALITY = 95
@@ -17,30 +20,48 @@ def classify(path, resize_max=None):
     A plain JPEG keeps its bytes (flags 0); anything else that decodes is TRANSCODEd to RGB JPEG;
     RESIZE is added when the longer side exceeds resize_max. The marker walk (`jpeg_frame`)
     is far cheaper than a decode (BENCHMARKS.md); any JPEG it rejects goes to Pillow, which
-    makes the final call.
+    makes the final call. Files that are not regular (FIFOs, devices) are skipped unread, and
+    images whose header claims more than MAX_PIXELS undecoded.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        # O_NONBLOCK: opening a FIFO named x.jpg must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         return None, f"unreadable: {e.strerror}"
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, "not a regular file (a FIFO, device or socket)"
+        try:
+            data = f.read()
+        except OSError as e:
+            return None, f"unreadable: {e.strerror}"
     if not data:
         return None, "empty file"
     frame = jpeg_frame(data)
     flags = 0
     if frame is None:
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                frame = im.size
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit follows
+                with Image.open(io.BytesIO(data)) as im:
+                    if im.size[0] * im.size[1] > MAX_PIXELS:
+                        return None, _too_large(*im.size)
+                    im.load()
+                    frame = im.size
         except UnidentifiedImageError:
             return None, "not an image (unknown format)"
         except Exception as e:  # PIL raises many types for broken files; any of them means skip
             return None, f"cannot decode: {e}"
         flags = TRANSCODE
+    elif frame[0] * frame[1] > MAX_PIXELS:
+        return None, _too_large(*frame)
     if resize_max and max(frame) > resize_max:
         flags |= RESIZE
     return flags, None
+
+
+def _too_large(width, height):
+    return f"too large: {width}x{height} pixels, over the limit of {MAX_PIXELS:,} (a decompression bomb?)"
 
 
 def reencode(data, resize_max=None):

@@ -15,17 +15,32 @@ def _hidden(name):
 
 
 def _list_split(src, folder):
-    """Class folder names, [(relpath, size)] per class (sorted) and the ignored count of one split."""
+    """Class folder names, [(relpath, size)] per class (sorted), the ignored count of one split
+    and the linked folders skipped because they lead to a folder already listed.
+
+    Links to folders are followed, each real folder once per class: a link back into the class
+    (`ln -s . loop`) or a second link to the same folder is skipped and counted as ignored, so
+    link loops neither repeat images nor hang the listing.
+    """
     split_dir = os.path.join(src, folder)
-    classes, ignored = {}, 0
+    classes, ignored, repeated = {}, 0, []
     for entry in os.scandir(split_dir):
         if _hidden(entry.name) or not entry.is_dir():
             ignored += 1
             continue
-        files = []
+        files, visited = [], {os.path.realpath(entry.path)}
         for dirpath, dirnames, filenames in os.walk(entry.path, followlinks=True):
-            ignored += sum(map(_hidden, dirnames))
-            dirnames[:] = [d for d in dirnames if not _hidden(d)]
+            keep = []
+            for d in sorted(dirnames):
+                real = os.path.realpath(os.path.join(dirpath, d))
+                if _hidden(d) or real in visited:
+                    ignored += 1
+                    if not _hidden(d):
+                        repeated.append(folder + os.path.join(dirpath, d)[len(split_dir):])
+                    continue
+                visited.add(real)
+                keep.append(d)
+            dirnames[:] = keep
             for f in filenames:
                 if _hidden(f) or not f.lower().endswith(IMG_EXTENSIONS):
                     ignored += 1
@@ -37,7 +52,7 @@ def _list_split(src, folder):
                     size = -1  # a broken link: the scan skips it with the reason
                 files.append((folder + path[len(split_dir):], size))  # os.path.relpath is far slower
         classes[entry.name] = sorted(files)
-    return classes, ignored
+    return classes, ignored, sorted(repeated)
 
 
 def _looks_like_a_split(src, probe=20):
@@ -77,7 +92,7 @@ def list_source(src):
     index = {name: i for i, name in enumerate(classes)}
     digest = hashlib.sha256()
     splits = {}
-    for split, (by_class, ignored) in listed.items():
+    for split, (by_class, ignored, repeated) in listed.items():
         files, empty = [], []
         for name in sorted(by_class):
             if not by_class[name]:
@@ -86,7 +101,7 @@ def list_source(src):
                 files.append((rel, index[name]))
                 digest.update(f"{rel}\t{size}\n".encode("utf-8", "surrogateescape"))
         digest.update(f"{split} ignored {ignored}\n".encode())
-        splits[split] = {"files": files, "ignored": ignored, "empty": empty}
+        splits[split] = {"files": files, "ignored": ignored, "empty": empty, "repeated": repeated}
     if not any(s["files"] for s in splits.values()):
         raise ShardError(f"no image files found in {src} ({', '.join(f for f, _ in found)})")
     return {"classes": classes, "splits": splits, "digest": digest.hexdigest()}

@@ -213,6 +213,10 @@ def make_shards(src, out=None, max_count=1250, workers=None, seed=0, resize_max=
             if entry["empty"]:
                 print_list(f"warning: {len(entry['empty'])} empty class folder(s) in {split}, "
                            "their class indices are kept:", entry["empty"])
+            if entry["repeated"]:
+                print_list(f"warning: {len(entry['repeated'])} linked folder(s) in {split} skipped (counted as "
+                           "ignored): each leads to a folder already listed (a link loop or a second link)",
+                           entry["repeated"])
         return _build(src, out, listing, settings, workers, progress, start)
     finally:
         os.close(fd)

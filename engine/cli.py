@@ -3,24 +3,24 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
-import torch
-
 from common.errors import DataLoadingError, UserError, user_message
+from pipeline.loader import worker_failure
 
 from .config import parse_args
+from .control import PREEMPTED_EXIT, Preempted
 from .data import make_data
-from .dist import setup_distributed, shutdown
+from .dist import peer_failure, setup_distributed, shutdown
+from .runtime import configure_torch
 from .trainer import Trainer
 
 
 def run(args) -> dict:
     """Train (or, with --performance, measure) as the flags say; returns the summary or result."""
     d = setup_distributed(args.device, args.device_id, args.local_rank)
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    configure_torch()
     trainer = Trainer(args, d, make_data(args, d))
     if args.performance:
         result = trainer.benchmark()
@@ -39,6 +39,19 @@ def main(argv=None) -> int:
         prefix = "data loading failed: " if isinstance(e, DataLoadingError) else ""
         print(f"train_stream: error: {prefix}{user_message(e)}", file=sys.stderr, flush=True)
         return e.exit_code
+    except RuntimeError as e:  # a loader worker or another rank died: not a bug here, one line
+        reason = worker_failure(e) or peer_failure(e)
+        if reason is None:
+            raise
+        if "DataLoader" in reason:
+            reason = (f"data loading failed: {reason}; rerun the same command with --auto-resume to continue "
+                      "from the last checkpoint")
+        print(f"train_stream: error: {reason}", file=sys.stderr, flush=True)
+        return 1
+    except Preempted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"train_stream: {e}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
     except KeyboardInterrupt:
         print("train_stream: interrupted", file=sys.stderr, flush=True)
         return 130

@@ -8,8 +8,10 @@ import argparse
 
 from common.errors import ConfigError
 from model.factory import DEFAULT_MODEL
+from model.optim import OPTIMIZERS
 from model.schedule import (
     DEFAULT_BASE_LR_PER_256,
+    DEFAULT_BASE_SIZE,
     DEFAULT_COOLDOWN_EPOCHS,
     DEFAULT_DECAY_EPOCHS,
     DEFAULT_DECAY_RATE,
@@ -18,12 +20,16 @@ from model.schedule import (
     DEFAULT_WARMUP_LR,
 )
 
+from .control import parse_interval
+
 DESCRIPTION = ("Train a timm model (default resnet50.gluon_in1k, ResNet-50 v1b) on ImageNet streamed from "
                "tar shards, fast. Without --data_path it trains on a built-in demo dataset.")
 
 # The demo: the real model on a small learnable dataset at 64 px, short enough for a 2-core CPU
-# (README: time and accuracy).
-DEMO = dict(img_size=64, batch_size=32, epochs=6, warmup_epochs=1, lr=0.2, log_interval=10)
+# (README: time and accuracy). Its schedule steps per update: with the reference's per-epoch
+# steps its first epoch (of 6) would run at warmup_lr 1e-4 and teach the model nothing.
+DEMO = dict(img_size=64, batch_size=32, epochs=6, warmup_epochs=1, lr=0.2, log_interval=10,
+            sched_on_updates=True)
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,20 +50,63 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loader workers per process (default: cores per process - 1, at most 12)")
     g.add_argument("--img-size", type=int, default=224)
     g.add_argument("--crop-pct", type=float, default=0.875, help="eval centre-crop fraction")
-    g.add_argument("--train-interpolation", default="bilinear", choices=("bilinear", "bicubic"))
+    g.add_argument("--train-interpolation", default="random", choices=("random", "bilinear", "bicubic"),
+                   help="train crop resize; random: bilinear or bicubic per image, as timm")
     g.add_argument("--interpolation", default="bicubic", choices=("bilinear", "bicubic"),
                    help="eval resize interpolation")
+    g.add_argument("-vb", "--validation-batch-size", type=int, default=None,
+                   help="validation batch per device (default: -b)")
+    g.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the model's head (default: from _info.json; must match it)")
     g.add_argument("--decode", default="cpu", choices=("cpu", "pil", "gpu"),
-                   help="cpu: torchvision in workers; pil: PIL in workers; gpu: nvJPEG on the device")
+                   help="cpu: torchvision in workers; pil: PIL in workers; gpu: nvJPEG on the device "
+                        "(with --loader dali: DALI's cpu or mixed decoder)")
+    g.add_argument("--loader", default="ours", choices=("ours", "dali"),
+                   help="ours: pipeline/ in DataLoader workers; dali: NVIDIA DALI fed from the same epoch plan "
+                        "(optional: pip install -r requirements-dali.txt)")
     g.add_argument("--shuffle-buffer", type=int, default=2048, help="samples per worker")
     g.add_argument("--prefetch-factor", type=int, default=4, help="batches queued per worker")
     g.add_argument("--use-multi-epochs-loader", action=argparse.BooleanOptionalAction, default=True,
                    help="persistent loader workers across epochs")
     g.add_argument("--synthetic", action="store_true", help="device-resident random batches")
     g.add_argument("--demo-dir", default=".demo", help="where the demo data is cached")
+    g = p.add_argument_group("augmentation (timm's flags)")
+    g.add_argument("--color-jitter", type=float, default=0.4,
+                   help="brightness/contrast/saturation factor range 1 +- this, per image on the device; 0: off")
+    g.add_argument("--aa", default=None, metavar="POLICY",
+                   help="RandAugment policy, e.g. rand-m9-mstd0.5, in the workers (turns colour jitter off)")
+    g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability per image")
+    g.add_argument("--remode", default="const", choices=("pixel", "rand", "const"),
+                   help="random erasing fill (the port's train.py l.210: const; timm 1.0: pixel)")
+    g.add_argument("--recount", type=int, default=1, help="random erasing: at most this many boxes")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha; > 0 turns mixup on")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha; > 0 turns cutmix on")
+    g.add_argument("--cutmix-minmax", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="cutmix box size range as a fraction of the image (turns cutmix on)")
+    g.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixing a batch")
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5,
+                   help="probability of cutmix instead of mixup when both are on")
+    g.add_argument("--mixup-off-epoch", type=int, default=0, help="turn mixup/cutmix off from this epoch (0: never)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="timm model name; gluon_resnet50_v1b (the reference port's name) is an alias of the default")
+    g.add_argument("--pretrained", action="store_true",
+                   help="start from timm's pretrained weights (hub or its cache; head adapted to --num-classes)")
+    g.add_argument("--pretrained-path", default=None, metavar="FILE",
+                   help="local weights file to use as the pretrained weights (implies --pretrained)")
+    g.add_argument("--initial-checkpoint", default="", metavar="PATH",
+                   help="load these weights after initialisation (weights only; --resume continues a run)")
+    g.add_argument("--drop-path", type=float, default=None, help="drop path (stochastic depth) rate")
+    g.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes")
+    g.add_argument("--dist-bn", default="", choices=("reduce", "broadcast", ""),
+                   help="after each epoch, average (reduce) or copy rank 0's (broadcast) BN statistics; '': "
+                        "neither, per-rank statistics as the port's train.py (l.252; timm 1.0: reduce)")
+    g.add_argument("--ddp-broadcast-buffers", action=argparse.BooleanOptionalAction, default=False,
+                   help="DDP copies rank 0's buffers (BN statistics) before every forward "
+                        "(the port: off; timm 1.0: on)")
+    g.add_argument("--model-ema", action="store_true", help="keep, validate and save an EMA of the weights")
+    g.add_argument("--model-ema-decay", type=float, default=0.9998)
+    g.add_argument("--model-ema-warmup", action="store_true", help="timm's EMA decay warmup")
     g.add_argument("--zero-init-last", action=argparse.BooleanOptionalAction, default=True,
                    help="zero the last BN of each residual block")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
@@ -67,12 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile mode, e.g. max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs)")
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("-b", "--batch-size", type=int, default=256, help="batch per device")
-    g.add_argument("--lr", type=float, default=None, help=f"default: {DEFAULT_BASE_LR_PER_256} x global batch / 256")
+    g.add_argument("--lr", type=float, default=None, help="peak LR (default: from --lr-base and the global batch)")
+    g.add_argument("--lr-base", type=float, default=DEFAULT_BASE_LR_PER_256,
+                   help="LR per --lr-base-size images of global batch, used when --lr is not given")
+    g.add_argument("--lr-base-size", type=int, default=DEFAULT_BASE_SIZE)
+    g.add_argument("--lr-base-scale", default="", choices=("", "linear", "sqrt"),
+                   help="LR vs global batch: linear or sqrt ('': linear, as timm for SGD)")
+    g.add_argument("--opt", default="sgd", choices=tuple(OPTIMIZERS),
+                   help="sgd/nesterov: SGD with Nesterov momentum; momentum: classical momentum")
     g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--nesterov", action="store_true")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--clip-grad", type=float, default=None, help="clip gradients at this norm (or value)")
+    g.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"))
     g.add_argument("--sched", default="cosine", choices=("cosine", "step"))
+    g.add_argument("--sched-on-updates", action="store_true",
+                   help="change the LR every optimizer update (default: once per epoch)")
     g.add_argument("--epochs", type=int, default=90)
     g.add_argument("--warmup-epochs", type=int, default=DEFAULT_WARMUP_EPOCHS)
     g.add_argument("--warmup-lr", type=float, default=DEFAULT_WARMUP_LR)
@@ -91,13 +150,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="mixed precision (bfloat16 where supported, else float16 + GradScaler)")
     g.add_argument("--amp-dtype", default=None, choices=("bfloat16", "float16"))
-    g.add_argument("--apex-amp", action="store_true", help="NVIDIA Apex AMP O2 + FusedSGD (needs Apex)")
+    g.add_argument("--apex-amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="NVIDIA Apex AMP O2 + FusedSGD (needs Apex)")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=42)
     g.add_argument("--output", default=None, help="folder for metrics.jsonl, config.json, checkpoints")
-    g.add_argument("--resume", default=None, help="checkpoint to continue from (next epoch)")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint to continue from, at the step it was written (mid-epoch included)")
+    g.add_argument("--auto-resume", action="store_true",
+                   help="continue from OUTPUT/last.pth when it exists (rerun the same command after a "
+                        "preemption), else start afresh (or from --resume)")
+    g.add_argument("--checkpoint-interval", default=None, metavar="N|Nm",
+                   help="also write last.pth every N optimizer steps (500), or every N minutes with an "
+                        "m suffix (10m; s and h work too), resumable at that step (default: epoch ends only)")
+    g.add_argument("--allow-other-data", action="store_true",
+                   help="resume even when the checkpoint was trained on another data set (its _info.json "
+                        "name, fingerprint or sample count differ); it continues at the next epoch")
+    g.add_argument("--max-missing", type=float, default=0.02, metavar="FRACTION",
+                   help="stop the run when more than this fraction of an epoch's training samples is "
+                        "missing (damaged or unreadable data, replaced by repeats)")
+    g.add_argument("--io-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="remote shards (http, pipe:): time allowed to connect, and the longest stall in the data")
+    g.add_argument("--io-retries", type=int, default=3,
+                   help="remote shards: retries after a failed read (waits 2, 4, 8 s...) before the run "
+                        "stops naming the shard")
     g.add_argument("--log-interval", type=int, default=50, help="steps between log lines (host syncs)")
     g.add_argument("--no-val", action="store_true", help="skip validation after each epoch")
+    g.add_argument("--val-interval", type=int, default=1,
+                   help="validate and checkpoint every N epochs (and after the last)")
     g.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                    help="end this run after EPOCHS epochs (continue later with --resume)")
     g.add_argument("--performance", action="store_true",
@@ -137,10 +217,41 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
     return values
 
 
+def mixup_active(args) -> bool:
+    """timm's train.py: mixup_active = mixup > 0 or cutmix > 0 or cutmix_minmax is not None."""
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
 def check_args(args) -> None:
-    for name in ("batch_size", "epochs", "perf_steps", "log_interval", "img_size"):
+    for name in ("batch_size", "epochs", "perf_steps", "log_interval", "img_size", "val_interval",
+                 "lr_base_size", "recount"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("validation_batch_size", "num_classes"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("reprob", "mixup_prob", "mixup_switch_prob"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1]")
+    for name in ("color_jitter", "mixup", "cutmix", "drop_path", "clip_grad", "mixup_off_epoch"):
+        if (getattr(args, name) or 0) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more")
+    if not 0 <= args.model_ema_decay < 1:
+        raise ConfigError("--model-ema-decay must be in [0, 1)")
+    if mixup_active(args) and args.batch_size % 2:
+        raise ConfigError(f"mixup/cutmix pairs image i with image B-1-i: -b must be even (got {args.batch_size})")
+    if args.cutmix_minmax is not None and not 0 <= args.cutmix_minmax[0] < args.cutmix_minmax[1] <= 1:
+        raise ConfigError("--cutmix-minmax needs 0 <= MIN < MAX <= 1")
+    if args.aa is not None and args.loader == "dali":
+        raise ConfigError("--aa runs in our loader's workers: it does not combine with --loader dali")
+    if args.aa is not None and args.decode == "gpu":
+        raise ConfigError("--aa runs on decoded pixels in the loader workers: it does not combine with --decode gpu")
+    if args.aa is not None:
+        from pipeline.randaugment import RandAugment
+        try:
+            RandAugment(args.aa)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if args.workers is not None and args.workers < 0:
         raise ConfigError("--workers must be 0 or more")
     if args.perf_warmup < 0 or args.warmup_epochs < 0 or args.cooldown_epochs < 0:
@@ -149,5 +260,17 @@ def check_args(args) -> None:
         raise ConfigError("--apex-amp runs float16 (O2); it cannot be combined with --amp-dtype bfloat16")
     if args.synthetic and args.decode != "cpu":
         raise ConfigError("--synthetic reads no data, so --decode does not apply")
+    if args.loader == "dali" and args.decode == "pil":
+        raise ConfigError("--loader dali decodes with DALI: choose --decode cpu or gpu")
     if not 0 < args.crop_pct <= 1:
         raise ConfigError("--crop-pct must be in (0, 1]")
+    try:
+        parse_interval(args.checkpoint_interval)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if args.auto_resume and not args.output:
+        raise ConfigError("--auto-resume needs --output (it resumes from OUTPUT/last.pth)")
+    if not 0 <= args.max_missing <= 1:
+        raise ConfigError("--max-missing must be a fraction between 0 and 1")
+    if not args.io_timeout > 0 or args.io_retries < 0:
+        raise ConfigError("--io-timeout must be positive and --io-retries 0 or more")

@@ -5,14 +5,17 @@ import os
 from dataclasses import dataclass
 
 from common.errors import ConfigError, DataError
-from common.host import default_workers
+from pipeline.augment import ColorJitter, DeviceAugment, Mixup, RandomErasing
 from pipeline.info import check_local_shards, load_info
 from pipeline.loader import BatchLoader, create_loader
 from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize
+from pipeline.randaugment import RandAugment
+from pipeline.remote import RemoteOptions
 from pipeline.synthetic import SyntheticBatches
 
-from .config import DEMO, build_parser
+from .config import DEMO, build_parser, mixup_active
 from .dist import Dist
+from .runtime import resolve_workers
 
 
 @dataclass
@@ -20,8 +23,12 @@ class Data:
     train: BatchLoader
     val: BatchLoader | None
     num_classes: int
-    feed: DevicePrefetcher  # train batches -> normalised device tensors
+    feed: DevicePrefetcher  # train batches -> normalised (augmented) device tensors
     val_feed: DevicePrefetcher
+    augment: DeviceAugment | None = None  # the feed's device-side augmentation (set_epoch each epoch)
+    workers: int | None = None  # loader workers per process (None: synthetic data)
+    identity: dict | None = None  # the data set's name, fingerprint and size (checkpoints record it)
+    val_samples: int = 0  # validation images _info.json lists: fewer seen = an incomplete validation
 
 
 def prepare_demo(args, d: Dist) -> None:
@@ -40,7 +47,30 @@ def prepare_demo(args, d: Dist) -> None:
     d.barrier()
     args.data_path = shards
     d.say(f"demo: {args.img_size} px, batch {args.batch_size}, {args.epochs} epochs, LR {args.lr} "
-          f"(pass --data_path for real data)")
+          f"per update (pass --data_path for real data)")
+
+
+def resolve_num_classes(args, info) -> int:
+    """The head's class count: --num-classes, checked against _info.json's class list."""
+    known = info.num_classes if info else 0
+    if args.num_classes is None:
+        return known if known > 0 else 1000
+    if known > 0 and args.num_classes != known:
+        raise ConfigError(f"--num-classes {args.num_classes} does not match the {known} classes of "
+                          f"{args.data_path}/_info.json (leave it out to use them)")
+    return args.num_classes
+
+
+def make_augment(args, d: Dist, num_classes: int) -> DeviceAugment | None:
+    """Colour jitter (not with --aa, as timm), mixup/cutmix and random erasing, on the device."""
+    jitter = ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter) \
+        if args.color_jitter > 0 and not args.aa else None
+    mixup = Mixup(args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob, args.mixup_switch_prob,
+                  label_smoothing=args.smoothing, num_classes=num_classes) if mixup_active(args) else None
+    erasing = RandomErasing(args.reprob, args.remode, max_count=args.recount) if args.reprob > 0 else None
+    augment = DeviceAugment(d.device.torch, seed=args.seed, rank=d.rank, jitter=jitter, mixup=mixup,
+                            erasing=erasing, mixup_off_epoch=args.mixup_off_epoch)
+    return augment if augment.active else None
 
 
 def make_data(args, d: Dist) -> Data:
@@ -49,41 +79,78 @@ def make_data(args, d: Dist) -> Data:
         raise ConfigError(f"--decode gpu needs a CUDA device (nvJPEG); this run is on {dev.type}")
     if args.data_path is None and not args.synthetic:
         prepare_demo(args, d)
+    remote = RemoteOptions(timeout=args.io_timeout, retries=args.io_retries)
+    info = load_info(args.data_path, remote) if args.data_path else None
+    if info is not None and not args.synthetic and info.num_classes < 1 and args.num_classes is None:
+        raise DataError(f"{args.data_path}: _info.json has no class list or num_classes (or pass --num-classes)")
+    num_classes = resolve_num_classes(args, info)
     normalize = Normalize(dev.torch, IMAGENET_MEAN, IMAGENET_STD, channels_last=args.channels_last)
-    feed = val_feed = DevicePrefetcher(dev, normalize)
-    if args.decode == "gpu":
+    augment = make_augment(args, d, num_classes)
+    to_train = to_val = None
+    if args.decode == "gpu" and args.loader == "ours":  # DALI's mixed decoder hands over device tensors
         from pipeline.gpu_decode import make_to_device
-        feed = DevicePrefetcher(dev, normalize, make_to_device(args.train_interpolation))
-        val_feed = DevicePrefetcher(dev, normalize, make_to_device(args.interpolation))
-
-    info = load_info(args.data_path) if args.data_path else None
-    num_classes = info.num_classes if info else 1000
+        to_train, to_val = make_to_device(), make_to_device()
+    feed = DevicePrefetcher(dev, normalize, to_train, augment)
+    val_feed = DevicePrefetcher(dev, normalize, to_val)
     if args.synthetic:
         steps = args.perf_steps + args.perf_warmup if args.performance else 100
         train = SyntheticBatches(dev.torch, batch_size=args.batch_size, img_size=args.img_size,
                                  num_classes=num_classes, steps=steps, seed=args.seed)
-        return Data(train, None, num_classes, feed, val_feed)
-    if num_classes < 1:
-        raise DataError(f"{args.data_path}: _info.json has no class list or num_classes")
+        return Data(train, None, num_classes, feed, val_feed, augment)
     split = info.split("train")
     check_local_shards(split)
-    workers = args.workers if args.workers is not None else default_workers(d.local_world)
+    workers = resolve_workers(args.workers, d.local_world)
     common = dict(batch_size=args.batch_size, img_size=args.img_size, num_workers=workers,
                   seed=args.seed, world_size=d.world, rank=d.rank, decoder=args.decode,
                   crop_pct=args.crop_pct, pin_memory=dev.pin_memory(),
                   prefetch_factor=args.prefetch_factor, persistent=args.use_multi_epochs_loader,
-                  reuse_buffers=True)  # DevicePrefetcher copies each batch before the next
+                  reuse_buffers=True,  # DevicePrefetcher copies each batch before the next
+                  num_classes=num_classes, remote=remote)
+    if args.loader == "dali":
+        return _dali_data(args, d, info, split, workers, num_classes, feed, val_feed, augment)
     train = create_loader(split, train=True, shuffle_buffer=args.shuffle_buffer,
-                          train_interpolation=args.train_interpolation, **common)
+                          train_interpolation=args.train_interpolation,
+                          augment=RandAugment(args.aa) if args.aa else None, **common)
     if len(train) < 1:
         raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
                         f"({args.batch_size} x {d.world} processes); lower -b")
-    val = None
+    val, val_samples = None, 0
     has_val = any(name in info.splits for name in ("validation", "val", "valid"))
     if has_val and not (args.no_val or args.performance):
         vsplit = info.split("validation")
         check_local_shards(vsplit)
+        common["batch_size"] = args.validation_batch_size or args.batch_size
         val = create_loader(vsplit, train=False, eval_interpolation=args.interpolation, **common)
+        val_samples = vsplit.num_samples
     d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
           f"{len(train)} steps/epoch/rank, {workers} workers/rank, decode {args.decode}")
-    return Data(train, val, num_classes, feed, val_feed)
+    d.say(f"augmentation: crop {args.train_interpolation}{', ' + args.aa if args.aa else ''}"
+          f"{'; on the device: ' + augment.describe() if augment else ''}")
+    return Data(train, val, num_classes, feed, val_feed, augment, workers, info.identity(), val_samples)
+
+
+def _dali_data(args, d: Dist, info, split, workers: int, num_classes: int, feed, val_feed, augment) -> Data:
+    """--loader dali: DALI pipelines fed from the same epoch plan (pipeline/dali.py)."""
+    from pipeline.dali import DaliLoader, dali_missing
+    missing = dali_missing()
+    if missing:
+        raise ConfigError(missing)
+    common = dict(batch_size=args.batch_size, img_size=args.img_size, seed=args.seed, world_size=d.world,
+                  rank=d.rank, num_threads=workers, decode=args.decode, crop_pct=args.crop_pct,
+                  device_id=d.device.index if args.decode == "gpu" else None, pin_memory=d.device.pin_memory())
+    common["num_classes"] = num_classes
+    train = DaliLoader(split, train=True, interpolation=args.train_interpolation, **common)
+    if len(train) < 1:
+        raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
+                        f"({args.batch_size} x {d.world} processes); lower -b")
+    val, val_samples = None, 0
+    has_val = any(name in info.splits for name in ("validation", "val", "valid"))
+    if has_val and not (args.no_val or args.performance):
+        vsplit = info.split("validation")
+        common["batch_size"] = args.validation_batch_size or args.batch_size
+        val = DaliLoader(vsplit, train=False, interpolation=args.interpolation, **common)
+        val_samples = vsplit.num_samples
+    d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
+          f"{len(train)} steps/epoch/rank, DALI ({train.settings()['decoder']}, {workers} threads, "
+          f"{train.py_workers} reader processes)/rank")
+    return Data(train, val, num_classes, feed, val_feed, augment, workers, info.identity(), val_samples)

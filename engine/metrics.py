@@ -6,12 +6,40 @@ import os
 
 
 class Metrics:
-    """A new run starts the file afresh, a resumed one appends to it."""
+    """A new run starts the file afresh, a resumed one appends to it.
 
-    def __init__(self, output: str | None, main: bool, append: bool):
+    `resume_at=(epoch, global_step)`: the position a resumed run continues from. Rows written
+    after it by the interrupted run (training rows past that step, validation and epoch rows of
+    that epoch or later, a line cut short by a kill) are dropped, so the resumed run does not
+    log them twice.
+    """
+
+    def __init__(self, output: str | None, main: bool, append: bool, resume_at: tuple[int, int] | None = None):
         self.path = os.path.join(output, "metrics.jsonl") if output and main else None
         if self.path and not append and os.path.exists(self.path):
             os.remove(self.path)
+        if self.path and append and resume_at is not None and os.path.exists(self.path):
+            self._truncate(*resume_at)
+
+    def _truncate(self, epoch: int, global_step: int) -> None:
+        kept = []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill
+                if not isinstance(row, dict):
+                    continue
+                if row.get("kind") == "train" and isinstance(row.get("step"), int) and row["step"] > global_step:
+                    continue
+                if row.get("kind") in ("val", "epoch") and isinstance(row.get("epoch"), int) and row["epoch"] >= epoch:
+                    continue
+                kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
 
     def write(self, **row) -> None:
         if self.path:

@@ -1,68 +1,175 @@
 """The Trainer: owns the model, optimizer, precision, schedule, checkpoints and metrics of a run,
-and its loops: `fit()` (train + validate every epoch) and `benchmark()` (--performance)."""
+and its loops: `fit()` (train + validate every epoch) and `benchmark()` (--performance).
+
+Fault tolerance: a checkpoint records the position (epoch, step, each rank's loader progress),
+so a resume continues at that step with the identical remaining samples; `engine.control`
+stops every rank at the same step on a preemption signal, after one checkpoint."""
 from __future__ import annotations
 
 import json
 import os
+import random
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.errors import DataLoadingError
+from common.errors import CheckpointError, DataLoadingError
 from model.checkpoint import CheckpointSaver, resume
 from model.factory import create_model
-from model.optim import create_optimizer
-from model.precision import resolve_precision
-from model.schedule import DEFAULT_BASE_LR_PER_256, LRSchedule, ScheduleConfig, scale_lr, total_epochs
+from model.optim import OPTIMIZERS, create_optimizer
+from model.schedule import LRSchedule, ScheduleConfig, scale_lr, total_epochs
 from pipeline.stream import STATS
 
+from .config import mixup_active
+from .control import Control, Preempted, parse_interval, reason
 from .data import Data
-from .dist import Dist
+from .dist import Dist, distribute_bn, sync_batchnorm
 from .metrics import Metrics
+from .runtime import compute_settings, precision_for
+
+
+def _progress_rows(rows, workers: int) -> bool:
+    """A loader progress as StreamLoader.progress() makes it: [batches, taken, padded] per worker."""
+    return (isinstance(rows, list) and len(rows) == workers
+            and all(isinstance(r, list) and len(r) == 3
+                    and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 62 for v in r)
+                    for r in rows))
 
 
 class Trainer:
     def __init__(self, args, d: Dist, data: Data):
         self.args, self.d, self.dev, self.data = args, d, d.device, data
         self.steps_per_epoch = len(data.train)
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # the same initial weights on every rank
+        extra = {} if args.drop_path is None else {"drop_path_rate": args.drop_path}
         self.model = create_model(args.model, num_classes=data.num_classes, zero_init_last=args.zero_init_last,
-                                  channels_last=args.channels_last, device=self.dev)
-        self.lr = args.lr if args.lr is not None else scale_lr(DEFAULT_BASE_LR_PER_256, args.batch_size * d.world)
+                                  channels_last=args.channels_last, device=self.dev, pretrained=args.pretrained,
+                                  pretrained_path=args.pretrained_path,
+                                  checkpoint_path=args.initial_checkpoint or None, **extra)
+        seed_everything(args.seed + d.rank)  # as timm's random_seed(seed, rank): drop path differs per rank
+        self.dist_bn = args.dist_bn
+        if args.sync_bn:
+            self.model = sync_batchnorm(self.model, d)
+            self.dist_bn = ""  # as timm: synchronised BN needs no statistics averaging
+        global_batch = args.batch_size * d.world
+        self.lr = args.lr if args.lr is not None else \
+            scale_lr(args.lr_base, global_batch, args.lr_base_size, args.lr_base_scale or "linear")
         self.optimizer, opt_desc = create_optimizer(self.model, self.lr, args.momentum, args.weight_decay,
-                                                    args.nesterov, self.dev, apex=args.apex_amp)
-        self.precision = resolve_precision(self.dev, args.amp, args.amp_dtype, args.apex_amp)
+                                                    OPTIMIZERS[args.opt], self.dev, apex=args.apex_amp)
+        self.precision = precision_for(args, self.dev)
         self.model, self.optimizer = self.precision.prepare(self.model, self.optimizer)
         self.sched_cfg = ScheduleConfig(self.lr, args.epochs, self.steps_per_epoch, sched=args.sched,
                                         warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
                                         min_lr=args.min_lr, decay_epochs=args.decay_epochs,
-                                        decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs)
+                                        decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs,
+                                        on_updates=args.sched_on_updates)
         self.schedule = LRSchedule(self.optimizer, self.sched_cfg)
-        self.start_epoch, best = 0, None
-        if args.resume:
+        self.ema = None
+        if args.model_ema:
+            from timm.utils import ModelEmaV3
+            # float32 EMA even when Apex O2 made the model float16 (a 2e-4 step vanishes in fp16)
+            self.ema = ModelEmaV3(self.model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                                  dtype=torch.float32 if self.precision.mode == "apex" else None)
+        self.start_epoch, self.start_step, self.start_progress, best, resume_at = 0, 0, None, None, None
+        self.resume_path = self._resume_path()
+        if self.resume_path:
             # The schedule is not restored: the LR is a pure function of (step, schedule), and
             # this run's flags and world size decide it, so a resume on another number of
             # devices keeps the right curve.
-            state = resume(args.resume, self.model, self.optimizer, self.precision, self.dev,
-                           restore_rng=d.main)
-            self.start_epoch, best = state["epoch"], state["best_metric"]
+            state = resume(self.resume_path, self.model, self.optimizer, self.precision, self.dev,
+                           restore_rng=d.main, model_name=args.model, ema=self.ema)
+            best = state["best_metric"]
+            self.start_epoch, self.start_step, self.start_progress = self._resume_position(state["position"])
+            pos = state["position"]
+            resume_at = (self.start_epoch, pos.get("global_step", self.start_epoch * self.steps_per_epoch))
         self.saver = CheckpointSaver(args.output, self.dev, best) if args.output and d.main else None
+        if self.saver and self.saver.removed:
+            d.say(f"checkpoint: removed {self.saver.removed} temporary file(s) of interrupted checkpoint writes")
+        self.control = None  # made by fit()
         self.plain = self.model  # for eval and checkpoints: no DDP, no compile
         if d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.dev.index] if self.dev.is_accelerator else None
-            self.model = DDP(self.model, device_ids=ids, gradient_as_bucket_view=True)
+            self.model = DDP(self.model, device_ids=ids, gradient_as_bucket_view=True,
+                             broadcast_buffers=args.ddp_broadcast_buffers)
         if args.torchcompile:
             self.model = torch.compile(self.model, backend=args.torchcompile, mode=args.compile_mode)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
-        self.metrics = Metrics(args.output, d.main, append=bool(args.resume))
+        if mixup_active(args):  # as timm: smoothing is inside the mixed targets
+            from timm.loss import SoftTargetCrossEntropy
+            self.criterion = SoftTargetCrossEntropy()
+        else:
+            self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+        self.clip_params = None
+        if args.clip_grad is not None:
+            from timm.models import model_parameters
+            params = model_parameters(self.plain, exclude_head=args.clip_mode == "agc")  # timm's head rule
+            self.clip_params = self.precision.master_params(self.optimizer, self.plain) \
+                if self.precision.mode == "apex" else list(params)
+        self.metrics = Metrics(args.output, d.main, append=bool(self.resume_path), resume_at=resume_at)
         self._record_config()
         d.say(f"model {args.model} ({sum(p.numel() for p in self.plain.parameters()):,} params), "
               f"{'channels-last' if args.channels_last else 'NCHW'}, "
-              f"{'compiled (' + args.torchcompile + ')' if args.torchcompile else 'eager'}")
-        d.say(f"optimizer: {opt_desc}; LR {self.lr:g} for global batch {args.batch_size * d.world}")
+              f"{'compiled (' + args.torchcompile + ')' if args.torchcompile else 'eager'}"
+              f"{', pretrained' if args.pretrained or args.pretrained_path else ''}"
+              f"{', EMA %g' % args.model_ema_decay if self.ema else ''}")
+        d.say(f"optimizer: {opt_desc}; LR {self.lr:g} for global batch {global_batch}, "
+              f"{args.sched} schedule stepped per {'update' if args.sched_on_updates else 'epoch'}")
         d.say(f"precision: {self.precision.describe()}")
+
+    # ------------------------------------------------------------------ resume
+    def _resume_path(self) -> str | None:
+        args = self.args
+        if args.auto_resume:
+            last = os.path.join(args.output, "last.pth")
+            if os.path.isfile(last):
+                self.d.say(f"auto-resume: continuing from {last}")
+                return last
+        return args.resume
+
+    def _workers(self) -> int:
+        return getattr(self.data.train, "num_workers", 0)
+
+    def _resume_position(self, pos: dict):
+        """(epoch, step, this rank's loader progress) to start at; a checkpoint from another data
+        set is refused (unless --allow-other-data), and a mid-epoch one whose plan this run cannot
+        reproduce (world size, workers, batch size) continues at the next epoch boundary."""
+        d, path, epoch, step = self.d, self.resume_path, pos["epoch"], pos["step"]
+        theirs, ours = pos.get("data"), self.data.identity
+        if isinstance(theirs, dict) and ours:
+            differ = [k for k in ("name", "fingerprint", "train_samples")
+                      if theirs.get(k) is not None and ours.get(k) is not None and theirs[k] != ours[k]]
+            if differ:
+                what = ", ".join(f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in differ)
+                if not self.args.allow_other_data:
+                    raise CheckpointError(f"checkpoint {path} was trained on other data ({what}); "
+                                          "pass --allow-other-data to continue on this data set")
+                if step:
+                    d.say(f"resume: other data ({what}): continuing at the start of epoch {epoch + 1}")
+                    return epoch + 1, 0, None
+        if step == 0:
+            return epoch, 0, None
+        plan = {"world": d.world, "workers": self._workers(), "batch_size": self.args.batch_size,
+                "steps_per_epoch": self.steps_per_epoch}
+        changed = {k: (pos.get(k), v) for k, v in plan.items() if pos.get(k) != v}
+        if step > self.steps_per_epoch and not changed:
+            raise CheckpointError(f"checkpoint {path}: step {step} is past the {self.steps_per_epoch} "
+                                  "steps of an epoch")
+        progress = pos.get("progress")
+        if not changed and step < self.steps_per_epoch:
+            if not (isinstance(progress, list) and len(progress) == d.world and progress[d.rank] is not None
+                    and hasattr(self.data.train, "progress")):
+                changed = {"loader progress": ("none recorded", "needed")}
+            elif not _progress_rows(progress[d.rank], max(1, self._workers())):
+                raise CheckpointError(f"checkpoint {path}: 'position' holds no usable loader progress "
+                                      f"for rank {d.rank}")
+        if changed:
+            what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            d.say(f"resume: {path} was written at step {step} of epoch {epoch} with another plan ({what}); "
+                  f"continuing at the start of epoch {epoch + 1}")
+            return epoch + 1, 0, None
+        return epoch, step, progress[d.rank] if step < self.steps_per_epoch else None
 
     def _record_config(self) -> None:
         args = self.args
@@ -81,34 +188,106 @@ class Trainer:
             loss = self.criterion(self.model(images), labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.backward(loss, self.optimizer)
+        if self.clip_params is not None:
+            from timm.utils import dispatch_clip_grad
+            self.precision.unscale_(self.optimizer)
+            dispatch_clip_grad(self.clip_params, self.args.clip_grad, mode=self.args.clip_mode)
         self.precision.step(self.optimizer)
+        if self.ema is not None:
+            self.ema.update(self.plain, step=global_step + 1)  # timm: step = updates done
         return loss.detach()
 
     # ------------------------------------------------------------------ fit
     def fit(self) -> dict:
-        """Train from start_epoch to the end (or --stop-after epochs); returns a short summary."""
+        """Train from the start position to the end (or --stop-after epochs); returns a short
+        summary. Raises Preempted after a stop signal, once the checkpoint is written."""
         args, d = self.args, self.d
         epochs = total_epochs(self.sched_cfg)
+        if self.start_epoch >= epochs:
+            d.say(f"train_stream: {self.resume_path} has already finished all {epochs} epochs; nothing to do")
+            return {"epochs_done": 0, "last": None, "best_top1": self.saver.best_metric if self.saver else None,
+                    "finished_before": True}
         stop = epochs if args.stop_after is None else min(epochs, self.start_epoch + args.stop_after)
         result = None
-        for epoch in range(self.start_epoch, stop):
-            done = self.train_epoch(epoch, epochs)
-            fewest, most = (d.all_reduce([done], op)[0] for op in (dist.ReduceOp.MIN, dist.ReduceOp.MAX))
-            result = self.validate(epoch)
-            stats = self.data_stats()
-            self.metrics.write(kind="epoch", epoch=epoch, steps_min=int(fewest), steps_max=int(most), **stats)
-            self.save(epoch, result)
+        self.control = Control(d, parse_interval(args.checkpoint_interval))
+        self.control.install()
+        try:
+            for epoch in range(self.start_epoch, stop):
+                start = self.start_step if epoch == self.start_epoch else 0
+                done = self.train_epoch(epoch, epochs, start=start)
+                fewest, most = (d.all_reduce([done], op)[0] for op in (dist.ReduceOp.MIN, dist.ReduceOp.MAX))
+                distribute_bn(self.plain, d, self.dist_bn)
+                # timm's --val-interval: validate and checkpoint every N epochs and at the end (here:
+                # also the last epoch of a --stop-after run, so that it can be resumed)
+                validated = (epoch + 1) % args.val_interval == 0 or epoch + 1 == stop
+                if validated:
+                    result = self.validate(epoch)
+                    if self.ema is not None:
+                        distribute_bn(self.ema.module, d, self.dist_bn)
+                        result = self.validate(epoch, self.ema.module, kind="val_ema") or result  # ranks best, as timm
+                stats = self.data_stats()
+                self.metrics.write(kind="epoch", epoch=epoch, steps_min=int(fewest), steps_max=int(most), **stats)
+                if validated:
+                    self.save(epoch, result)
+                code = self.control.sync()  # a signal during validation or the save
+                if code:
+                    self._stop(code, epoch + 1, 0)
+        finally:
+            self.control.uninstall()
         best = self.saver.best_metric if self.saver else None
         return {"epochs_done": stop - self.start_epoch, "last": result, "best_top1": best}
 
-    def train_epoch(self, epoch: int, epochs: int) -> int:
-        """One epoch of exactly steps_per_epoch steps; returns the steps the loader gave."""
+    def _stop(self, code: int, epoch: int, step: int) -> None:
+        where = f"epoch {epoch} step {step}/{self.steps_per_epoch}" if step else f"the start of epoch {epoch}"
+        if self.saver:
+            tail = (f"checkpoint {self.saver.last_path} resumes at {where}; rerun the same command with "
+                    f"--auto-resume (or --resume {self.saver.last_path})")
+        else:
+            tail = "no --output, so no checkpoint was written"
+        raise Preempted(f"stopped ({reason(code)}): {tail}")
+
+    def save_position(self, epoch: int, step: int, consumed: int) -> None:
+        """A checkpoint at `step` of `epoch` (every rank calls it at the same step): each rank's
+        loader progress is gathered, rank 0 writes last.pth, and all wait for the write."""
+        progress = getattr(self.data.train, "progress", None)
+        mine = progress(consumed) if progress else None
+        everyone = self.control.gather(mine)
+        if self.saver:
+            position = self._position(epoch, step, everyone)
+            self.saver.save(epoch - 1, self.plain, self.optimizer, self.precision, self.schedule,
+                            vars(self.args), metric=None, position=position,
+                            ema=self.ema.module if self.ema is not None else None)
+            self.d.say(f"checkpoint: {self.saver.last_path} (epoch {epoch} step {step}/{self.steps_per_epoch})")
+        self.control.barrier()
+        self.control.saved()
+
+    def _position(self, epoch: int, step: int, progress) -> dict:
+        return {"epoch": epoch, "step": step, "global_step": epoch * self.steps_per_epoch + step,
+                "steps_per_epoch": self.steps_per_epoch, "world": self.d.world, "workers": self._workers(),
+                "batch_size": self.args.batch_size, "progress": progress, "data": self.data.identity}
+
+    def train_epoch(self, epoch: int, epochs: int, start: int = 0) -> int:
+        """One epoch of exactly steps_per_epoch steps, from step `start` (a resumed epoch); returns
+        the steps done, counting those before `start`."""
         args, d, steps = self.args, self.d, self.steps_per_epoch
-        self.data.train.set_epoch(epoch)
-        it = iter(self.data.feed(self.data.train))
+        if start >= steps:
+            return steps  # trained, not yet validated when the checkpoint was written
+        loader = self.data.train
+        if start:
+            loader.set_epoch(epoch, self.start_progress)
+        else:
+            loader.set_epoch(epoch)
+        if self.data.augment is not None:
+            self.data.augment.set_epoch(epoch, start)  # draws keyed by the batch's place in the run
+        padded_before = loader.stats()["padded"]
+        limit = args.max_missing * steps * args.batch_size * d.world
+        if self.control is None:  # train_epoch() called without fit()
+            self.control = Control(d)
+        control = self.control
+        it = iter(self.data.feed(loader))
         loss_sum = torch.zeros((), device=self.dev.torch)
         window_start, wait, n_window = time.perf_counter(), 0.0, 0
-        for i in range(steps):
+        for i in range(start, steps):
             t0 = time.perf_counter()
             batch = next(it, None)
             if batch is None:
@@ -118,8 +297,16 @@ class Trainer:
             global_step = epoch * steps + i
             loss_sum += self.step(images, labels, global_step)
             n_window += 1
+            halt, save_now = control.poll()  # agreed one step ago on every rank; no device sync
             if (i + 1) % args.log_interval == 0 or i + 1 == steps:
-                loss = d.all_reduce([loss_sum.item() / n_window])[0] / d.world  # the only host sync
+                padded = loader.stats()["padded"] - padded_before
+                loss, padded = d.all_reduce([loss_sum.item() / n_window, padded])  # the only host sync
+                loss /= d.world
+                if padded > limit:
+                    raise DataLoadingError(
+                        f"more than {args.max_missing:.0%} of epoch {epoch} is missing ({int(padded):,} of "
+                        f"{steps * args.batch_size * d.world:,} samples repeated in place of damaged or "
+                        "unreadable data; see the warnings): fix the data, or raise --max-missing")
                 elapsed = time.perf_counter() - window_start
                 img_s = n_window * args.batch_size * d.world / elapsed
                 eta = ((epochs - epoch) * steps - i - 1) * elapsed / n_window
@@ -130,48 +317,71 @@ class Trainer:
                                    time=time.time())
                 loss_sum.zero_()
                 window_start, wait, n_window = time.perf_counter(), 0.0, 0
+            if halt or save_now or (control.steps_due(global_step + 1) and i + 1 < steps):
+                self.save_position(epoch, i + 1, i + 1 - start)
+                if halt:
+                    self._stop(halt, epoch, i + 1)
         extra = sum(1 for _ in it)  # 0 by construction; drains the prefetcher cleanly
         return steps + extra
 
     @torch.no_grad()
-    def validate(self, epoch: int) -> dict | None:
+    def validate(self, epoch: int, model=None, kind: str = "val") -> dict | None:
         """Top-1/top-5 over every validation sample exactly once, summed across ranks."""
         if self.data.val is None:
             return None
+        model = model if model is not None else self.plain
         self.data.val.set_epoch(epoch)
-        self.plain.eval()
+        was_training = model.training
+        model.eval()
         n, sums = 0, torch.zeros(3, dtype=torch.float64, device=self.dev.torch)  # loss, top1, top5
         for images, labels in self.data.val_feed(self.data.val):
             with self.precision.autocast():
-                logits = self.plain(images)
+                logits = model(images)
             loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
             hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             sums += torch.stack([loss, hit[:, 0].sum(), hit.any(1).sum()]).double()
             n += len(labels)
-        self.plain.train()
+        model.train(was_training)
         n, loss, top1, top5 = self.d.all_reduce([n] + sums.tolist())
+        expected = self.data.val_samples
         result = {"n": int(n), "loss": loss / max(n, 1), "top1": 100 * top1 / max(n, 1),
-                  "top5": 100 * top5 / max(n, 1)}
-        self.d.say(f"epoch {epoch} validation: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-                   f"loss {result['loss']:.4f}  ({result['n']} images)")
-        self.metrics.write(kind="val", epoch=epoch, step=(epoch + 1) * self.steps_per_epoch,
-                           top1=result["top1"], top5=result["top5"], loss=result["loss"], time=time.time())
+                  "top5": 100 * top5 / max(n, 1), "complete": not expected or int(n) >= expected}
+        note = "" if result["complete"] else (f"; INCOMPLETE: {expected - int(n)} of {expected} images "
+                                              "missing (see the data problems line), not used for best.pth")
+        self.d.say(f"epoch {epoch} validation{' (EMA)' if kind == 'val_ema' else ''}: "
+                   f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+                   f"loss {result['loss']:.4f}  ({result['n']} images{note})")
+        self.metrics.write(kind=kind, epoch=epoch, step=(epoch + 1) * self.steps_per_epoch,
+                           top1=result["top1"], top5=result["top5"], loss=result["loss"], n=result["n"],
+                           complete=result["complete"], time=time.time())
         return result
 
     def data_stats(self) -> dict:
-        """The loader's counters summed over ranks; data problems are reported once per epoch."""
-        stats = dict(zip(STATS, map(int, self.d.all_reduce([self.data.train.stats()[k] for k in STATS]))))
-        if stats["skipped"] or stats["shard_errors"]:
-            self.d.say(f"data problems so far (all ranks): {stats['skipped']} samples skipped, "
-                       f"{stats['shard_errors']} damaged/unreadable shard reads, {stats['padded']} padded")
+        """The loaders' counters summed over ranks (validation's as val_*); data problems of both
+        are reported once per epoch."""
+        val = self.data.val.stats() if self.data.val is not None else dict.fromkeys(STATS, 0)
+        values = [self.data.train.stats()[k] for k in STATS] + [val[k] for k in STATS]
+        values = list(map(int, self.d.all_reduce(values)))
+        stats = dict(zip(STATS, values))
+        stats.update({f"val_{k}": v for k, v in zip(STATS, values[len(STATS):])})
+        skipped = stats["skipped"] + stats["val_skipped"]
+        shard_errors = stats["shard_errors"] + stats["val_shard_errors"]
+        if skipped or shard_errors:
+            self.d.say(f"data problems so far (all ranks): {skipped} samples skipped ({stats['val_skipped']} in "
+                       f"validation), {shard_errors} damaged/unreadable shard reads ({stats['val_shard_errors']} in "
+                       f"validation), {stats['padded']} padded")
         return stats
 
     def save(self, epoch: int, result: dict | None) -> None:
         if not self.saver:
             return
+        metric = result["top1"] if result and result.get("complete", True) else None
         best = self.saver.save(epoch, self.plain, self.optimizer, self.precision, self.schedule,
-                               vars(self.args), metric=result and result["top1"])
+                               vars(self.args), metric=metric, position=self._position(epoch + 1, 0, None),
+                               ema=self.ema.module if self.ema is not None else None)
         self.d.say(f"checkpoint: {self.saver.last_path}{' (new best)' if best else ''}")
+        if self.control:
+            self.control.saved()
 
     # ------------------------------------------------------------------ benchmark
     def benchmark(self) -> dict:
@@ -186,6 +396,8 @@ class Trainer:
                 yield from self.data.feed(loader)
                 epoch += 1
 
+        if self.data.augment is not None:
+            self.data.augment.set_epoch(0)
         it, step, wait = batches(), 0, 0.0
         for _ in range(args.perf_warmup):
             images, labels = next(it)
@@ -211,9 +423,18 @@ class Trainer:
             "world_size": d.world, "device": self.dev.name(), "amp_dtype": self.precision.dtype_name,
             "data_wait_fraction": round(wait / elapsed, 4), "synthetic": bool(args.synthetic),
             "data": "synthetic" if args.synthetic else f"shards, decode {args.decode}",
+            "loader": None if args.synthetic else args.loader,
             "model": args.model, "img_size": args.img_size, "channels_last": args.channels_last,
             "compile": args.torchcompile, "compile_mode": args.compile_mode, "seconds": round(elapsed, 3),
             "final_loss": round(float(last), 4),
             "peak_mem_gb": round(self.dev.max_memory_allocated() / 2**30, 3),
-            "torch": torch.__version__,
+            "torch": torch.__version__, "num_classes": self.data.num_classes, "workers": self.data.workers,
+            "settings": compute_settings(self.dev, self.precision, args.channels_last),
         }
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch (all devices), as timm's random_seed(seed, rank) with seed + rank."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -9,11 +9,19 @@ A checkpoint is a dict of tensors and plain Python values only:
   config       the run's resolved config (values that are not plain types become strings)
   rng          python `random`, numpy (as lists), torch CPU and accelerator generator states
   metric       this epoch's metric; best_metric  the best so far
+  state_dict_ema  with --model-ema: the EMA weights (timm's key; timm's loaders prefer it)
+  position     where training resumes: {"epoch", "step" (optimizer updates done in that epoch),
+               "global_step", "steps_per_epoch", "world", "workers", "batch_size", "progress"
+               (each rank's loader workers' [batches, taken, padded]), "data" (the data set's
+               name, fingerprint and train sample count)}; absent in files of older versions
 Files are written to a temporary file in the same folder, flushed, fsynced, then renamed over
-the target, so a crash mid-write never leaves a truncated last.pth or best.pth.
+the target, so a crash mid-write never leaves a truncated last.pth or best.pth; the temporary
+files of a killed write are removed when the next saver starts. Files get the mode a normal
+file would (0666 less the umask), not mkstemp's 0600.
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 import random
@@ -56,6 +64,7 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -68,6 +77,25 @@ def save_checkpoint(path: str, state: dict) -> None:
             pass
         raise
     _fsync_dir(folder)  # make the rename itself durable
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: str, names=("last.pth", "best.pth")) -> int:
+    """Delete the temporary files that killed writes of `names` left in `folder`; returns how many."""
+    count = 0
+    for name in names:
+        for tmp in glob.glob(os.path.join(glob.escape(folder), f".{name}.*.tmp")):
+            try:
+                os.unlink(tmp)
+                count += 1
+            except OSError:
+                pass
+    return count
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -153,6 +181,7 @@ class CheckpointSaver:
         self.best_metric = best_metric  # pass resume()'s best_metric when resuming
         self.last_path = os.path.join(output_dir, "last.pth")
         self.best_path = os.path.join(output_dir, "best.pth")
+        self.removed = remove_stale_temporaries(output_dir) if os.path.isdir(output_dir) else 0
 
     def _improves(self, metric: float | None, higher_is_better: bool) -> bool:
         if metric is None or math.isnan(metric):
@@ -162,8 +191,10 @@ class CheckpointSaver:
         return metric > self.best_metric if higher_is_better else metric < self.best_metric
 
     def save(self, epoch: int, model, optimizer, precision, schedule, config: dict,
-             metric: float | None = None, higher_is_better: bool = True) -> bool:
-        """Returns True when this epoch became best.pth."""
+             metric: float | None = None, higher_is_better: bool = True, position: dict | None = None,
+             ema=None) -> bool:
+        """Returns True when this epoch became best.pth. A mid-epoch save passes `position`
+        (and epoch = the last finished epoch) and no metric; `ema` is the EMA module, if any."""
         is_best = self._improves(metric, higher_is_better)
         if is_best:
             self.best_metric = float(metric)
@@ -178,30 +209,107 @@ class CheckpointSaver:
             "metric": None if metric is None else float(metric),
             "best_metric": self.best_metric,
         }
+        if ema is not None:
+            state["state_dict_ema"] = unwrap_model(ema).state_dict()
+        if position is not None:
+            state["position"] = _plain(position)
         save_checkpoint(self.last_path, state)
         if is_best:
             save_checkpoint(self.best_path, state)
         return is_best
 
 
+def _is_int(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < high
+
+
+def _misfit(model: nn.Module, state, path: str, ckpt: dict, model_name: str | None) -> str:
+    """Why a state_dict does not load: the recorded model name and the first differing keys."""
+    parts = []
+    written_for = ckpt.get("config", {}).get("model") if isinstance(ckpt.get("config"), dict) else None
+    if written_for and model_name and written_for != model_name:
+        parts.append(f"it was written for model {written_for!r}, this run builds {model_name!r}")
+    if not isinstance(state, dict):
+        return f"checkpoint {path}: 'model' is not a state dict"
+    own = model.state_dict()
+
+    def first(keys):
+        keys = list(keys)
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here" for k in own
+              if k in state and torch.is_tensor(state[k]) and state[k].shape != own[k].shape]
+    if missing:
+        parts.append(f"missing keys {first(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys {first(unexpected)}")
+    if shapes:
+        parts.append(f"shapes differ: {first(shapes)}")
+    return f"checkpoint {path} does not fit this model: " + ("; ".join(parts) or "its tensors do not load")
+
+
+def _position(ckpt: dict, path: str) -> dict:
+    """The resume position, checked; older files (no 'position') resume at the next epoch."""
+    epoch = ckpt["epoch"]
+    if not _is_int(epoch, -1, 10 ** 6):
+        raise CheckpointError(f"checkpoint {path}: 'epoch' is {epoch!r}, not an epoch number")
+    pos = ckpt.get("position")
+    if pos is None:
+        return {"epoch": epoch + 1, "step": 0}
+    if not isinstance(pos, dict) or not all(_is_int(pos.get(k), 0, 10 ** 12) for k in ("epoch", "step")):
+        raise CheckpointError(f"checkpoint {path}: 'position' is not a training position: {str(pos)[:80]}")
+    if pos["epoch"] > epoch + 1:
+        raise CheckpointError(f"checkpoint {path}: 'position' (epoch {pos['epoch']}) and 'epoch' ({epoch}) disagree")
+    return pos
+
+
 def resume(path: str, model, optimizer, precision, device: Device | None = None,
-           restore_rng: bool = True) -> dict:
+           restore_rng: bool = True, model_name: str | None = None, ema=None) -> dict:
     """Restore everything `CheckpointSaver.save` wrote; returns {'epoch': next epoch to run,
-    'best_metric', 'config', 'metric'}. Call on every rank, after precision.prepare() and
-    before wrapping the model in DDP/compile (wrappers are stripped either way)."""
+    'step': optimizer updates already done in it, 'position': the whole saved position (or
+    {'epoch', 'step'} for files without one), 'best_metric', 'config', 'metric'}. Call on every
+    rank, after precision.prepare() and before wrapping the model in DDP/compile (wrappers are
+    stripped either way). `ema` (the EMA module) gets `state_dict_ema`; from a checkpoint without
+    one it starts from the resumed weights. Anything in the file that does not fit is one
+    CheckpointError line."""
     ckpt = load_checkpoint(path)
     missing = [k for k in ("model", "optimizer", "epoch") if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not written by this trainer")
+    position = _position(ckpt, path)
+    target = unwrap_model(model)
     try:
-        unwrap_model(model).load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path} does not fit this model: "
-                              f"{str(e).strip().splitlines()[0]}") from None
-    _load_optimizer(optimizer, ckpt["optimizer"])
+        target.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError, ValueError):
+        raise CheckpointError(_misfit(target, ckpt["model"], path, ckpt, model_name)) from None
+    if ema is not None:
+        try:
+            unwrap_model(ema).load_state_dict(ckpt.get("state_dict_ema") or target.state_dict())
+        except (RuntimeError, TypeError, AttributeError, ValueError):
+            why = _misfit(unwrap_model(ema), ckpt.get("state_dict_ema"), path, ckpt, model_name)
+            raise CheckpointError(why.replace("does not fit", "has EMA weights that do not fit", 1)) from None
+    try:
+        _load_optimizer(optimizer, ckpt["optimizer"])
+    except Exception as e:  # torch raises ValueError/KeyError/TypeError for a foreign state
+        detail = (str(e).strip().splitlines() or [""])[0][:120]
+        raise CheckpointError(f"checkpoint {path}: its optimizer state does not fit this run "
+                              f"({type(e).__name__}: {detail})") from None
     if precision is not None:
-        precision.load_state_dict(ckpt.get("scaler") or {})
+        try:
+            precision.load_state_dict(ckpt.get("scaler") or {})
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path}: unusable 'scaler' entry ({type(e).__name__})") from None
     if restore_rng and ckpt.get("rng"):
-        set_rng_state(ckpt["rng"], device)
-    return {"epoch": int(ckpt["epoch"]) + 1, "best_metric": ckpt.get("best_metric"),
-            "config": ckpt.get("config", {}), "metric": ckpt.get("metric")}
+        try:
+            set_rng_state(ckpt["rng"], device)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path}: unusable 'rng' entry ({type(e).__name__}: "
+                                  f"{str(e).strip()[:80]})") from None
+    best = ckpt.get("best_metric")
+    if best is not None and not isinstance(best, (int, float)):
+        raise CheckpointError(f"checkpoint {path}: 'best_metric' is {str(best)[:40]!r}, not a number")
+    config = ckpt.get("config", {})
+    return {"epoch": position["epoch"], "step": position["step"], "position": position,
+            "best_metric": best, "config": config if isinstance(config, dict) else {},
+            "metric": ckpt.get("metric")}

@@ -1,16 +1,25 @@
-"""The model: any timm architecture, randomly initialised, on its device in channels-last layout.
+"""The model: any timm architecture, on its device in channels-last layout.
 
 The default `resnet50.gluon_in1k` is ResNet-50 v1b (the stride-2 downsampling sits in the 3x3
 conv), 25,557,032 parameters. The reference port calls it `gluon_resnet50_v1b`, timm's old name:
 it is accepted as an alias, without timm's "deprecated model name" warning.
+
+Randomly initialised by default. For fine-tuning, with timm's flags and meanings:
+`pretrained` loads timm's weights for the name (downloaded from the Hugging Face hub or found in
+its cache; `pretrained_path` names a local file instead, through timm's `pretrained_cfg_overlay`),
+adapting the classifier when `num_classes` differs; `checkpoint_path` (--initial-checkpoint)
+loads a checkpoint's weights strictly after initialisation (timm's `load_checkpoint`: a plain
+state dict, or a dict with `state_dict_ema`, `state_dict` or `model`; ours have `model`).
 """
 from __future__ import annotations
+
+import os
 
 import timm
 import torch
 from torch import nn
 
-from common.errors import ConfigError
+from common.errors import CheckpointError, ConfigError
 
 DEFAULT_MODEL = "resnet50.gluon_in1k"
 ALIASES = {"gluon_resnet50_v1b": DEFAULT_MODEL}  # the reference port's --model value
@@ -26,17 +35,30 @@ def _to_torch_device(device) -> torch.device | None:
     return getattr(device, "torch", None) or torch.device(device)  # model.device.Device or str/torch.device
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # "Error(s) in loading...:" + the first
+
+
 def create_model(name: str = DEFAULT_MODEL, num_classes: int = 1000, zero_init_last: bool = True,
-                 channels_last: bool = True, device=None, **kwargs) -> nn.Module:
-    """Build `name` from timm (never pretrained: we train from scratch).
+                 channels_last: bool = True, device=None, pretrained: bool = False,
+                 pretrained_path: str | None = None, checkpoint_path: str | None = None,
+                 **kwargs) -> nn.Module:
+    """Build `name` from timm; `**kwargs` go to timm.create_model (e.g. drop_path_rate).
 
     zero_init_last zeroes the last BN gamma of every residual block (timm ResNets accept it;
     "Bag of Tricks", Goyal et al.). Architectures whose constructor has no such argument are built
     without it, silently: the flag is a ResNet recipe detail, not a reason to refuse a model.
-    Unknown names raise ConfigError.
+    Unknown names, weights that cannot be obtained and checkpoints that do not fit raise a
+    one-line UserError.
     """
     name = canonical_name(name)
-    build = dict(pretrained=False, num_classes=num_classes, **kwargs)
+    for path, what in ((pretrained_path, "--pretrained-path"), (checkpoint_path, "--initial-checkpoint")):
+        if path and not os.path.isfile(path):
+            raise CheckpointError(f"{what} {path} does not exist")
+    build = dict(pretrained=bool(pretrained or pretrained_path), num_classes=num_classes, **kwargs)
+    if pretrained_path:
+        build["pretrained_cfg_overlay"] = dict(file=os.path.abspath(pretrained_path))
     try:
         try:
             model = timm.create_model(name, zero_init_last=zero_init_last, **build)
@@ -48,8 +70,27 @@ def create_model(name: str = DEFAULT_MODEL, num_classes: int = 1000, zero_init_l
         if "Unknown model" in str(e):
             raise ConfigError(f"unknown model {name!r}: use a timm model name, e.g. {DEFAULT_MODEL} "
                              f"or resnet50 (timm.list_models() lists them)") from None
-        raise
+        if not build["pretrained"]:
+            raise
+        raise _weights_error(name, pretrained_path, e) from None
+    except Exception as e:  # hub, network and file errors come in many types
+        if not build["pretrained"]:
+            raise
+        raise _weights_error(name, pretrained_path, e) from None
+    if checkpoint_path:
+        try:
+            timm.models.load_checkpoint(model, checkpoint_path, strict=True)
+        except Exception as e:  # torch.load's and load_state_dict's many error types
+            raise CheckpointError(f"--initial-checkpoint {checkpoint_path} does not fit {name} with "
+                                  f"{num_classes} classes: {_first_line(e)}") from None
     dev = _to_torch_device(device)
     if dev is not None or channels_last:
         model = model.to(device=dev, memory_format=torch.channels_last if channels_last else None)
     return model
+
+
+def _weights_error(name: str, path: str | None, e: Exception) -> ConfigError:
+    if path:
+        return ConfigError(f"cannot load --pretrained-path {path} into {name}: {_first_line(e)}")
+    return ConfigError(f"cannot obtain pretrained weights for {name} (no network or hub cache?): "
+                       f"{type(e).__name__}; pass a local file with --pretrained-path FILE")

@@ -1,5 +1,10 @@
 """SGD with momentum, no weight decay on BN/bias, and the fastest fused kernel the device offers.
 
+`--opt` names as in timm (`optim/_optim_factory.py`): `sgd` (alias `nesterov`) is SGD with
+Nesterov momentum, as in the reference port (its optim_factory.py builds NpuFusedSGD with
+nesterov=True for 'sgd'); `momentum` is classical momentum. tests/test_optim.py compares the
+groups with `timm.optim.create_optimizer_v2`.
+
 Choice, in order (the description string says which was taken, for the log):
 - `apex=True` on CUDA: NVIDIA Apex `apex.optimizers.FusedSGD` (float LR), for `--apex-amp` O2;
 - NPU: `torch_npu.optim.NpuFusedSGD` when torch_npu provides it (float LR), else torch's SGD.
@@ -20,6 +25,8 @@ from torch import nn
 
 from common.errors import OptimizerError
 from model.device import Device
+
+OPTIMIZERS = {"sgd": True, "nesterov": True, "momentum": False}  # --opt name -> Nesterov
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -59,13 +66,14 @@ def _device_of(model: nn.Module, device: Device | None) -> Device:
 
 
 def create_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
-                     nesterov: bool = False, device: Device | None = None,
+                     nesterov: bool = True, device: Device | None = None,
                      apex: bool = False) -> tuple[torch.optim.Optimizer, str]:
     """Build the optimizer for `model` (already on its device); returns (optimizer, description)."""
     device = _device_of(model, device)
     groups = param_groups(model, weight_decay)
     n_decay = sum(len(g["params"]) for g in groups if g["weight_decay"])
     n_plain = sum(len(g["params"]) for g in groups if not g["weight_decay"])
+    nesterov = nesterov and momentum > 0  # without momentum Nesterov is plain SGD (torch refuses the flag)
     sgd = dict(lr=float(lr), momentum=momentum, nesterov=nesterov)
     tail = (f"momentum {momentum}{', nesterov' if nesterov else ''}, weight decay {weight_decay} "
             f"on {n_decay} tensors, none on {n_plain} (BN/bias)")

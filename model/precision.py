@@ -107,6 +107,18 @@ class Precision:
         else:
             loss.backward()
 
+    def unscale_(self, optimizer) -> None:
+        """Make the gradients true-scale before clipping (GradScaler; Apex O2 unscales into its
+        master gradients in backward already). No host sync: found_inf stays on the device."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def master_params(self, optimizer, model):
+        """The parameters whose gradients the optimizer applies (Apex O2: fp32 master copies)."""
+        if self.mode == "apex":
+            return list(self._amp.master_params(optimizer))
+        return [p for p in model.parameters() if p.requires_grad]
+
     def step(self, optimizer) -> None:
         if self.scaler is not None:
             self.scaler.step(optimizer)  # unscales, skips the step on inf/nan

@@ -1,9 +1,13 @@
 """Learning-rate schedule: linear warmup, then cosine (or step) decay, then cooldown at min_lr.
 
-`lr_at(step, cfg)` is a pure function of the global optimizer-update count. It reproduces
-timm's `create_scheduler_v2(..., step_on_epochs=False, updates_per_epoch=steps_per_epoch)`
-followed by `scheduler.step_update(step)` exactly (tests/test_schedule.py compares every step),
-so a run here follows the same LR curve as timm's train.py with `--sched-on-updates`.
+`lr_at(step, cfg)` is a pure function of the global optimizer-update count, in two modes:
+- per epoch (the default, `on_updates=False`): the LR changes once per epoch, as in the
+  reference port's train.py and timm's default: epoch 0 runs at `warmup_lr`, and after each
+  epoch train.py calls `lr_scheduler.step(epoch + 1)`, so every update of epoch e uses timm's
+  `_get_lr(e)` (recipe: timm `create_scheduler_v2(..., step_on_epochs=True)`);
+- per update (`on_updates=True`, timm's `--sched-on-updates`): update u uses `_get_lr(u)` with
+  every length multiplied by `steps_per_epoch` (`step_on_epochs=False` + `step_update(u)`).
+tests/test_schedule.py drives timm's scheduler both ways and compares every step.
 Being pure makes resume trivial: the LR of step N depends on N and the config only.
 
 timm semantics kept on purpose (see timm/scheduler/{cosine_lr,step_lr,scheduler_factory}.py):
@@ -26,15 +30,18 @@ from common.errors import ConfigError
 
 SCHEDULES = ("cosine", "step")
 
-# Defaults of timm's current train.py (the reference port ran an older timm whose defaults were
-# warmup_lr 1e-4, min_lr 1e-5/1e-6, warmup_epochs 3, cooldown_epochs 10; pass those to reproduce it).
-DEFAULT_BASE_LR_PER_256 = 0.1
-DEFAULT_WARMUP_EPOCHS = 5
-DEFAULT_WARMUP_LR = 1e-5
-DEFAULT_MIN_LR = 0.0
-DEFAULT_DECAY_EPOCHS = 90
-DEFAULT_DECAY_RATE = 0.1
-DEFAULT_COOLDOWN_EPOCHS = 0
+# The reference run's values: the Ascend port (ModelZoo-PyTorch @ 6a2804a3,
+# PyTorch/built-in/cv/classification/Gluon_ResNet50_v1b_for_PyTorch), train.py @ 86c6aebb defaults
+# (line) and its test/train_full_{1p,8p}.sh flags. timm 1.0's train.py defaults differ (warmup 5
+# epochs from 1e-5, min_lr 0, --lr-base 0.1).
+DEFAULT_BASE_LR_PER_256 = 0.2  # train_full_1p.sh --lr 0.2 at batch 256; train_full_8p.sh --lr 1.6 at 8 x 256
+DEFAULT_BASE_SIZE = 256  # timm's --lr-base-size
+DEFAULT_WARMUP_EPOCHS = 3  # train.py l.180
+DEFAULT_WARMUP_LR = 1e-4  # train.py l.168
+DEFAULT_MIN_LR = 1e-5  # train.py l.170
+DEFAULT_DECAY_EPOCHS = 30  # train.py l.178 (step schedule only)
+DEFAULT_DECAY_RATE = 0.1  # train.py l.186
+DEFAULT_COOLDOWN_EPOCHS = 0  # train_full_{1p,8p}.sh --cooldown-epochs 0 (train.py l.182 default: 10)
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class ScheduleConfig:
     decay_rate: float = DEFAULT_DECAY_RATE
     cooldown_epochs: int = DEFAULT_COOLDOWN_EPOCHS
     warmup_prefix: bool = False  # True: warmup comes before `epochs` of decay instead of inside them
+    on_updates: bool = False  # True: a new LR every update (--sched-on-updates); False: once per epoch
 
     def __post_init__(self):
         if self.sched not in SCHEDULES:
@@ -59,19 +67,28 @@ class ScheduleConfig:
                              f"(got {self.epochs} and {self.steps_per_epoch})")
 
 
-def scale_lr(base_lr_per_256: float, global_batch: int, base_size: int = 256) -> float:
-    """Linear scaling rule, as timm's train.py does for SGD when --lr is not given."""
-    return base_lr_per_256 * global_batch / base_size
+def scale_lr(lr_base: float, global_batch: int, base_size: int = DEFAULT_BASE_SIZE,
+             scale: str = "linear") -> float:
+    """timm train.py's rule when --lr is not given: lr = lr_base * (global_batch / base_size),
+    or its square root with `scale="sqrt"` (timm's choice for Ada*/LAMB; "linear" for SGD)."""
+    ratio = global_batch / base_size
+    if scale == "sqrt":
+        ratio = ratio ** 0.5
+    elif scale != "linear":
+        raise ConfigError(f"unknown --lr-base-scale {scale!r}: choose linear or sqrt")
+    return lr_base * ratio
 
 
 def lr_at(step: int, cfg: ScheduleConfig) -> float:
     """LR for the optimizer update number `step` (0-based; counted over the whole run)."""
-    spe = cfg.steps_per_epoch
+    spe = 1 if not cfg.on_updates else cfg.steps_per_epoch  # timm's unit t: epochs or updates
+    t = step if cfg.on_updates else step // cfg.steps_per_epoch
     warmup_t = cfg.warmup_epochs * spe
-    if step < warmup_t:
+    if t < warmup_t:
         # same expression order as timm so the floats are bit-identical
-        return cfg.warmup_lr + step * ((cfg.base_lr - cfg.warmup_lr) / warmup_t)
-    t = step - warmup_t if cfg.warmup_prefix else step
+        return cfg.warmup_lr + t * ((cfg.base_lr - cfg.warmup_lr) / warmup_t)
+    if cfg.warmup_prefix:
+        t -= warmup_t
     if cfg.sched == "step":
         return cfg.base_lr * (cfg.decay_rate ** (t // (cfg.decay_epochs * spe)))
     t_initial = cfg.epochs * spe
@@ -105,8 +122,8 @@ class LRSchedule:
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig):
         self.optimizer = optimizer
         self.cfg = cfg
-        self.last_step = 0
-        self.last_lr = self.step(0)
+        self.last_step, self.last_lr = 0, None
+        self.step(0)
 
     def step(self, global_step: int) -> float:
         lr = lr_at(global_step, self.cfg)

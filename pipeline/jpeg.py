@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import re
 
+# The most pixels an image may have before it is decoded: PIL's default Image.MAX_IMAGE_PIXELS
+# (~89.5 MP, 1024 MiB of 32-bit pixels / 3). ImageNet's largest image is far below it; a file
+# whose header claims more is skipped as a decompression bomb (loader and make_shards alike).
+MAX_PIXELS = 89_478_485
+
 # All start-of-frame markers; C4 (DHT), C8 (JPG) and CC (DAC) share the range but are not frames.
 SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 PLAIN_SOF = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive (Huffman)

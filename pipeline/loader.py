@@ -7,17 +7,31 @@ read the epoch from shared memory, so the order still changes every epoch.
 has asked for the next batch (DevicePrefetcher keeps it: it copies a batch to the device, or
 normalises it into a new tensor, before it asks for the next). The workers then write new
 batches into the shared buffers of batches already consumed instead of fresh shared memory.
+
+Faults: a worker that dies (killed, out of memory) or sends nothing for `timeout` seconds
+(a hung read that no stall timeout caught) ends the epoch with a one-line DataLoadingError.
+Workers ignore SIGTERM and SIGUSR1 from anyone but the main process: preemption is its business
+(engine/control.py), and it stops at a step boundary.
 """
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from typing import Iterator, Protocol, runtime_checkable
 
 from torch.utils.data import DataLoader
 
+from common.errors import DataLoadingError
+
+from .info import is_remote
+from .plan import round_robin
+from .remote import RemoteOptions
 from .stream import Batch, PixelBatches, ShardStream, SharedState
 from .transforms import EvalTransform, TrainTransform
 
 DECODERS = ("cpu", "pil", "gpu")
+LOADER_TIMEOUT = 600  # seconds without a batch before a local-data loader gives up (a hung read)
 
 
 @runtime_checkable
@@ -38,35 +52,109 @@ class BatchLoader(Protocol):
     def stats(self) -> dict: ...
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+
+
+def _worker_init(worker_id: int) -> None:
+    """A preemption signal sent to every process (Slurm signals the whole job) must not kill the
+    workers before the main process reaches a step boundary, but the DataLoader's own shutdown
+    still ends a stuck worker with SIGTERM. So a thread takes these signals and obeys only the
+    ones the loader's process sent."""
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: workers keep the default (die on the signal)
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    threading.Thread(target=_obey_parent_only, args=(parent,), daemon=True, name="signals").start()
+
+
+def _obey_parent_only(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(_STOP_SIGNALS)
+        if info.si_pid == parent:  # die of it, as the DataLoader expects (the default action)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {info.si_signo})
+            signal.pthread_kill(threading.get_ident(), info.si_signo)
+
+
+def worker_failure(error: BaseException) -> str | None:
+    """The one-line reason when the DataLoader lost a worker or timed out; None for anything else
+    (an exception raised inside a worker is re-raised as itself and stays a bug). torch raises
+    the worker's death from its SIGCHLD handler, wherever the main process happens to be, so
+    the command line checks for it too."""
+    if not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    if text.startswith("DataLoader worker (pid") or text.startswith("DataLoader timed out"):
+        return text.strip().splitlines()[0].rstrip(".")
+    return None
+
+
 class StreamLoader:
-    """A BatchLoader of (images, labels) from a ShardStream, in DataLoader worker processes."""
+    """A BatchLoader of (images, labels) from a ShardStream, in DataLoader worker processes.
+
+    Besides the contract: `set_epoch(epoch, start)` resumes an epoch mid-way from a `progress()`
+    taken by an earlier run with the same plan (world size, workers, batch size).
+    """
 
     def __init__(self, dataset: ShardStream, *, num_workers: int, pin_memory: bool,
-                 prefetch_factor: int = 4, persistent: bool = True):
+                 prefetch_factor: int = 4, persistent: bool = True, timeout: float = LOADER_TIMEOUT):
         self.dataset, self.shared = dataset, dataset.shared
+        self.num_workers = num_workers
         self.loader = DataLoader(
             dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
-            persistent_workers=persistent and num_workers > 0)
+            persistent_workers=persistent and num_workers > 0,
+            timeout=timeout if num_workers > 0 else 0,
+            worker_init_fn=_worker_init if num_workers > 0 else None)
+        self._start = self._zeros()
+        self._trace = []
 
-    def set_epoch(self, epoch: int) -> None:
+    def _zeros(self):
+        return [[0, 0, 0] for _ in range(max(1, self.num_workers))]
+
+    def set_epoch(self, epoch: int, start=None) -> None:
+        """Next epoch to iterate; `start`: this rank's `progress()` to resume from, or None."""
+        rotate = 0
+        if start is not None and self.num_workers > 1:
+            totals = [self.dataset.plan(epoch, w).num_batches for w in range(self.num_workers)]
+            rotate, _ = round_robin(totals, sum(int(row[0]) for row in start))
         self.shared.epoch.value = epoch
+        self.shared.set_start(start, rotate)
+        self._start = [list(map(int, row)) for row in start] if start is not None else self._zeros()
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def remaining(self) -> int:
+        """Batches the next iteration yields: len() less what a resumed epoch already consumed."""
+        return len(self) - sum(row[0] for row in self._start)
+
+    def progress(self, consumed: int) -> list[list[int]]:
+        """Per worker [batches, samples taken, samples padded] once the consumer has used the
+        first `consumed` batches of the current iteration: the resume point of a checkpoint."""
+        out = [list(row) for row in self._start]
+        for worker, taken, padded in self._trace[:consumed]:
+            out[worker] = [out[worker][0] + 1, taken, padded]
+        return out
+
     def __iter__(self):
         """(images, labels) batches; a pooled buffer goes back to its worker when the consumer
         asks for the next batch."""
-        slot = -1
+        slot, self._trace = -1, []
         try:
             for batch in self.loader:
                 self.shared.release(slot)
                 slot = -1
                 if isinstance(batch, Batch):
-                    images, labels, slot = batch
-                    batch = images, labels
+                    images, labels, slot, worker, taken, padded = batch
+                    self._trace.append((worker, taken, padded))
+                    batch = images if labels is None else (images, labels)
                 yield batch
+        except RuntimeError as e:
+            reason = worker_failure(e)
+            if reason is None:
+                raise
+            raise DataLoadingError(f"{reason}; rerun the same command with --auto-resume to continue "
+                                   "from the last checkpoint") from None
         finally:
             self.shared.release(slot)
 
@@ -78,18 +166,31 @@ def create_loader(split, *, train: bool, batch_size: int, img_size: int = 224,
                   num_workers: int = 8, seed: int = 0, world_size: int = 1, rank: int = 0,
                   decoder: str = "cpu", shuffle_buffer: int = 2048, crop_pct: float = 0.875,
                   train_interpolation: str = "bilinear", eval_interpolation: str = "bicubic",
-                  reduced_decode: bool = True, pin_memory: bool = False, prefetch_factor: int = 4,
-                  persistent: bool = True, reuse_buffers: bool = False) -> StreamLoader:
-    """A loader of uint8 NHWC batches (or, with decoder='gpu', of JPEG bytes + crop boxes)."""
+                  augment=None, reduced_decode: bool | None = None,
+                  pin_memory: bool = False, prefetch_factor: int = 4, persistent: bool = True,
+                  reuse_buffers: bool = False, num_classes: int | None = None,
+                  remote: RemoteOptions | None = None, timeout: float | None = None) -> StreamLoader:
+    """A loader of uint8 NHWC batches (or, with decoder='gpu', of JPEG bytes + crop boxes).
+
+    `augment(out, rng)` (train only) changes each HWC uint8 crop in the worker, e.g. a
+    pipeline.randaugment.RandAugment. Reduced-size decoding is on for training and off for
+    evaluation by default: on a large image it moves the eval tensor away from timm's
+    (tests/test_transforms.py). `num_classes`: labels outside [0, num_classes) are skipped and
+    counted. `remote`: timeouts and retries for http/pipe shards. `timeout`: seconds without a
+    batch before the loader gives up (default: LOADER_TIMEOUT, plus what the remote retries may
+    take).
+    """
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
+    if decoder == "gpu" and augment is not None:
+        raise ValueError("worker augmentation runs on decoded pixels: it does not combine with decoder='gpu'")
     cpu_decoder = "pil" if decoder == "pil" else "tv"
+    reduce = train if reduced_decode is None else reduced_decode
     if train:
         transform = TrainTransform(img_size, interpolation=train_interpolation,
-                                   decoder=cpu_decoder, reduce=reduced_decode)
+                                   decoder=cpu_decoder, reduce=reduce, augment=augment)
     else:
-        transform = EvalTransform(img_size, crop_pct, eval_interpolation,
-                                  decoder=cpu_decoder, reduce=reduced_decode)
+        transform = EvalTransform(img_size, crop_pct, eval_interpolation, decoder=cpu_decoder, reduce=reduce)
     if decoder == "gpu":
         from .gpu_decode import JpegBatches
         builder = JpegBatches(transform, batch_size)
@@ -100,6 +201,10 @@ def create_loader(split, *, train: bool, batch_size: int, img_size: int = 224,
     shared = SharedState(num_workers, pool_size=prefetch_factor + 2 if pooled else 0)
     dataset = ShardStream(split, builder, batch_size=batch_size, train=train, seed=seed,
                           world_size=world_size, rank=rank, num_workers=num_workers,
-                          shuffle_buffer=shuffle_buffer, shared=shared)
+                          shuffle_buffer=shuffle_buffer, shared=shared, num_classes=num_classes,
+                          remote=remote)
+    if timeout is None:
+        remote_reads = any(is_remote(u) for u in split.urls)
+        timeout = LOADER_TIMEOUT + (dataset.remote.worst_case() if remote_reads else 0)
     return StreamLoader(dataset, num_workers=num_workers, pin_memory=pin_memory,
-                        prefetch_factor=prefetch_factor, persistent=persistent)
+                        prefetch_factor=prefetch_factor, persistent=persistent, timeout=timeout)

@@ -89,3 +89,21 @@ def eval_plan(lengths, *, world_size: int, rank: int, num_workers: int, worker: 
 def eval_batches(lengths, *, world_size: int, rank: int, num_workers: int, batch_size: int) -> int:
     return sum(eval_plan(lengths, world_size=world_size, rank=rank, num_workers=num_workers,
                          worker=w, batch_size=batch_size).num_batches for w in range(num_workers))
+
+
+def round_robin(totals, steps: int) -> tuple[int, list[int]]:
+    """How a DataLoader takes batches from workers holding `totals` batches: in turn, skipping
+    the workers that have run out. Returns (the worker whose batch comes next, batches taken
+    from each worker) after `steps` batches; a resumed epoch starts its turns at that worker."""
+    n = len(totals)
+    done, w = [0] * n, 0
+    for _ in range(min(steps, sum(totals))):
+        while done[w] >= totals[w]:
+            w = (w + 1) % n
+        done[w] += 1
+        w = (w + 1) % n
+    for _ in range(n):
+        if done[w] < totals[w]:
+            break
+        w = (w + 1) % n
+    return w, done

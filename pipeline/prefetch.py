@@ -26,9 +26,12 @@ class Normalize:
         self.bias = (-torch.tensor(mean, dtype=torch.float64) / std_t).to(dtype).view(1, 3, 1, 1).to(device)
         self.channels_last, self.dtype = channels_last, dtype
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, adjust=None) -> torch.Tensor:
+        """`adjust(x)`, if given, changes the float batch in [0, 255] before the normalisation."""
         x = images.permute(0, 3, 1, 2)
         x = x.to(self.dtype) if self.channels_last else x.to(self.dtype, memory_format=torch.contiguous_format)
+        if adjust is not None:
+            x = adjust(x)
         return x.mul_(self.scale).add_(self.bias)
 
 
@@ -36,16 +39,19 @@ class DevicePrefetcher:
     """Iterate (images, labels) on the device, normalised, one batch ahead of the consumer.
 
     `to_device(batch, device)` turns a loader batch into device (uint8 NHWC images, labels); the
-    default copies a (images, labels) pair, GPU decoding passes its own.
+    default copies a (images, labels) pair, GPU decoding passes its own. `augment(images, labels,
+    normalize)` (pipeline.augment.DeviceAugment), if given, normalises with its augmentations.
     """
 
-    def __init__(self, device, normalize: Normalize, to_device=None):
-        self.device, self.normalize = device, normalize
+    def __init__(self, device, normalize: Normalize, to_device=None, augment=None):
+        self.device, self.normalize, self.augment = device, normalize, augment
         self.to_device = to_device or _copy_pair
         self.stream = device.new_stream()  # once, reused by every epoch
 
     def _prepare(self, batch):
         images, labels = self.to_device(batch, self.device.torch)
+        if self.augment is not None:
+            return self.augment(images, labels, self.normalize)
         return self.normalize(images), labels
 
     def __call__(self, batches):

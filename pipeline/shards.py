@@ -5,8 +5,8 @@ Reading: samples out of one shard with a minimal reader instead of webdataset's
 per sample (BENCHMARKS.md). It groups members into samples the webdataset way (key = path up to
 the first dot of the file name, extension lower-cased), reads USTAR, PAX and GNU long-name
 headers, skips the first `skip` samples by seeking where the file allows it, and reports a
-truncated or corrupt shard instead of dying. Remote shards (http, pipe:) are opened with
-webdataset's `gopen`.
+truncated or corrupt shard instead of dying. Remote shards (http, pipe:) are opened by
+`pipeline.remote`, with timeouts.
 
 Writing: USTAR headers built by hand (tarfile's addfile costs several times more per sample,
 BENCHMARKS.md); the bytes equal tarfile's for the same members (tests/test_make_shards.py).
@@ -24,38 +24,29 @@ class ShardCorrupt(Exception):
     """The shard ends early or holds a damaged header; samples before the damage were kept."""
 
 
-def open_shard(url: str):
+def open_shard(url: str, timeout: float = 60.0):
+    """A local shard file, or a remote one read with a connect and stall `timeout` (pipeline/remote.py)."""
     if is_remote(url):
-        import webdataset as wds
-        return _Stream(wds.gopen(url, "rb"))
+        from .remote import open_remote
+        return open_remote(url, timeout)
     return open(url, "rb", buffering=0)
 
 
-class _Stream:
-    """webdataset's pipe objects offer read() and close(); the reader also wants readinto()."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def read(self, n: int) -> bytes:
-        return self.f.read(n)
-
-    def readinto(self, b) -> int:
-        data = self.f.read(len(b))
-        b[:len(data)] = data
-        return len(data)
-
-    def seekable(self) -> bool:
-        return False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
+MAX_MEMBER = 1 << 30  # no image is this large; a header claiming more is damage, not data
+MAX_HEADER_DATA = 1 << 20  # PAX / GNU long-name records
+_CHUNK = 1 << 24
 
 
 def _read_exact(f, n: int) -> bytearray:
+    if n > _CHUNK:  # a large claim: allocate only what actually arrives
+        chunks, got = [], 0
+        while got < n:
+            chunk = f.read(min(n - got, _CHUNK))
+            if not chunk:
+                raise ShardCorrupt(f"ends inside a member ({got} of {n} bytes)")
+            chunks.append(chunk)
+            got += len(chunk)
+        return bytearray(b"".join(chunks))
     buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:
@@ -89,7 +80,10 @@ def _octal(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256 for members over 8 GiB
         return int.from_bytes(field[1:], "big")
     field = field.rstrip(b"\0 ").lstrip(b" ")
-    return int(field, 8) if field else 0
+    try:
+        return int(field, 8) if field else 0
+    except ValueError:
+        raise ShardCorrupt("damaged tar header (a number field is not octal)") from None
 
 
 def _pax_path(data: bytes) -> str | None:
@@ -125,6 +119,8 @@ def members(f):
         if hdr[257:262] == b"ustar" and hdr[345]:
             name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
         if kind in (b"x", b"L"):  # PAX extended header / GNU long name for the next member
+            if size > MAX_HEADER_DATA:
+                raise ShardCorrupt(f"damaged tar header (a {size:,}-byte name record)")
             data = _read_exact(f, padded)[:size]
             long_name = _pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode()
             continue
@@ -136,6 +132,8 @@ def members(f):
 
         def read(size=size, padded=padded, state=state):
             state["done"] = True
+            if size > MAX_MEMBER:
+                raise ShardCorrupt(f"damaged tar header (a member of {size:,} bytes)")
             data = _read_exact(f, size)
             if padded > size:
                 _skip(f, padded - size, seekable)

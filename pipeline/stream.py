@@ -7,14 +7,23 @@ persistent workers, which keep their own copy of the stream, still see it), per-
 (`Stat`), and the buffer pool's free flags. Image batches are born in shared memory, so sending
 one to the main process copies nothing; with a pool, a worker reuses the buffers that the main
 process has handed back instead of paying a fresh buffer's page faults (BENCHMARKS.md).
+
+Exact resume: each training sample draws its augmentation from its own generator, seeded from
+(seed, epoch, shard, index in the shard), so its pixels do not depend on what a worker decoded
+before it. Every batch tells which worker made it and how far that worker's shuffled stream had
+got (`Batch.worker`, `taken`, `padded`); a checkpoint records that, and a resumed worker replays
+its reads and its shuffle buffer without decoding up to that point, then continues with the
+identical remaining samples.
 """
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import math
 import multiprocessing as mp
 import random
+import time
 from typing import NamedTuple
 
 import torch
@@ -22,7 +31,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from common.errors import DataLoadingError
 
+from .info import is_remote
 from .plan import eval_batches, eval_plan, train_plan, train_steps
+from .remote import RemoteError, RemoteOptions
 from .shards import ShardCorrupt, iter_samples, open_shard
 from .transforms import DecodeError
 
@@ -44,10 +55,19 @@ STATS = tuple(s.name.lower() for s in Stat)  # the names stats() reports
 
 
 class Batch(NamedTuple):
-    """What a worker sends: images, labels and the pool slot of the images (-1: not pooled)."""
-    images: object  # uint8 (B, H, W, 3) tensor, or a JpegBatch for GPU decoding
-    labels: torch.Tensor
+    """What a worker sends: images, labels and the pool slot of the images (-1: not pooled),
+    and where the worker's stream stood after this batch (for an exact mid-epoch resume)."""
+    images: object  # uint8 (B, H, W, 3) tensor, or a builder's own batch (labels None)
+    labels: torch.Tensor | None
     slot: int = -1
+    worker: int = 0
+    taken: int = 0  # samples taken from the worker's shuffled stream this epoch (skipped ones too)
+    padded: int = 0  # pads drawn this epoch after the stream ran dry (undecodable ones too)
+
+
+# Per worker, what a resumed epoch skips: [batches consumed, samples taken, pads drawn].
+PROGRESS = 3
+PAD_POOL = 16  # a worker whose stream ran dry repeats one of its last PAD_POOL samples
 
 
 class SharedState:
@@ -57,6 +77,10 @@ class SharedState:
         ctx = ctx or mp.get_context()
         self.num_workers, self.pool_size = max(1, num_workers), pool_size
         self.epoch = ctx.Value("q", 0, lock=False)
+        self.start = ctx.Array("q", self.num_workers * PROGRESS, lock=False)  # resume point, per worker
+        # DataLoader worker i plays planned worker (i + rotate) % workers: a resumed epoch must take
+        # its first batch from the worker whose turn it was, but the DataLoader starts at worker 0
+        self.rotate = ctx.Value("q", 0, lock=False)
         self.stats = ctx.Array("q", self.num_workers * len(Stat), lock=False)
         # free[worker * pool_size + k]: the consumer handed buffer k of that worker back
         self.free = ctx.Array("b", max(1, self.num_workers * pool_size), lock=False)
@@ -71,6 +95,17 @@ class SharedState:
     def release(self, slot: int) -> None:
         if slot >= 0:
             self.free[slot] = 1
+
+    def set_start(self, progress, rotate: int = 0) -> None:
+        """Where each worker's next epoch starts: None, or [batches, taken, padded] per worker."""
+        values = [0] * len(self.start) if progress is None else [int(v) for row in progress for v in row]
+        if len(values) != len(self.start):
+            raise ValueError(f"resume point for {len(values) // PROGRESS} workers, loader has {self.num_workers}")
+        self.start[:] = values
+        self.rotate.value = rotate
+
+    def start_of(self, worker: int) -> tuple[int, int, int]:
+        return tuple(self.start[worker * PROGRESS:(worker + 1) * PROGRESS])
 
 
 class Counters:
@@ -134,21 +169,41 @@ class RateLimited:
             log.warning("%s%s", msg, f" ({n} so far in this worker)" if n > 5 else "")
 
 
-def read_pieces(urls, pieces, warn, counters: Counters):
-    """Samples of the planned pieces; a damaged or missing shard loses only what it lacks."""
+def read_pieces(urls, pieces, warn, counters: Counters, remote: RemoteOptions | None = None):
+    """Samples of the planned pieces, each tagged `__index__` = (shard, index in the shard).
+
+    A damaged or missing shard loses only what it lacks. A remote read that fails (no
+    connection, a stall, a dropped connection) is retried with backoff where it stopped; when
+    the retries are spent the run stops with one line naming the shard: the data is not bad,
+    the way to it is, and a rerun with --auto-resume continues once it is back.
+    """
+    remote = remote or RemoteOptions()
     for p in pieces:
         got, url = 0, urls[p.shard]
-        try:
-            with open_shard(url) as f:
-                for sample in iter_samples(f, p.skip, p.take):
-                    got += 1
-                    yield sample
-            if got < p.take:
-                raise ShardCorrupt(f"holds fewer samples than _info.json lists (read {got} of "
-                                   f"{p.take} planned from sample {p.skip} on)")
-        except (ShardCorrupt, OSError, ValueError) as e:  # pipes and curl raise several types
-            counters.add(Stat.SHARD_ERRORS)
-            warn(f"shard {url}: {e}; lost {p.take - got} of its planned samples")
+        delays = remote.delays() if is_remote(url) else []
+        while True:
+            try:
+                with open_shard(url, remote.timeout) as f:
+                    for sample in iter_samples(f, p.skip + got, p.take - got):
+                        sample["__index__"] = (p.shard, p.skip + got)
+                        got += 1
+                        yield sample
+                if got < p.take:
+                    raise ShardCorrupt(f"holds fewer samples than _info.json lists (read {got} of "
+                                       f"{p.take} planned from sample {p.skip} on)")
+                break
+            except RemoteError as e:
+                if not delays:
+                    raise DataLoadingError(
+                        f"shard {url}: {e} (tried {remote.retries + 1} times); the data source is "
+                        "unreachable: fix it, then rerun the same command with --auto-resume") from None
+                wait = delays.pop(0)
+                warn(f"shard {url}: {e}; retrying in {wait:g} s")
+                time.sleep(wait)
+            except (ShardCorrupt, OSError, ValueError) as e:
+                counters.add(Stat.SHARD_ERRORS)
+                warn(f"shard {url}: {e}; lost {p.take - got} of its planned samples")
+                break
 
 
 def shuffled(samples, size: int, rng):
@@ -165,14 +220,27 @@ def shuffled(samples, size: int, rng):
     yield from buf
 
 
-def image_and_label(sample):
+def image_and_label(sample, num_classes: int | None = None):
+    """(image bytes, label); DecodeError for a missing member or a label outside [0, num_classes)."""
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None or "cls" not in sample:
         raise DecodeError(f"sample {sample['__key__']!r} lacks an image or a .cls member")
     try:
-        return data, int(sample["cls"])
-    except ValueError:
-        raise DecodeError(f"sample {sample['__key__']!r} has a bad .cls") from None
+        label = int(sample["cls"])
+    except (ValueError, TypeError):  # not a number, or more digits than int() takes
+        raise DecodeError(f"sample {sample['__key__']!r} has a bad .cls {bytes(sample['cls'][:20])!r}") from None
+    limit = num_classes if num_classes else 2 ** 63
+    if not 0 <= label < limit:
+        shown = str(label) if abs(label) < 10 ** 20 else f"{str(label)[:20]}..."
+        raise DecodeError(f"sample {sample['__key__']!r} has the label {shown}, outside [0, {num_classes or limit})")
+    return data, label
+
+
+def sample_rng(seed: int, epoch: int, index) -> random.Random:
+    """The augmentation generator of one sample: a function of (seed, epoch, shard, index in the
+    shard) only, so a sample's pixels do not depend on the worker, the rank or what came before."""
+    key = hashlib.blake2b(f"{seed}:{epoch}:{index[0]}:{index[1]}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(key, "little"))
 
 
 class PixelBatches:
@@ -199,12 +267,14 @@ class ShardStream(IterableDataset):
 
     def __init__(self, split, builder, *, batch_size: int, train: bool, seed: int = 0,
                  world_size: int = 1, rank: int = 0, num_workers: int = 0,
-                 shuffle_buffer: int = 2048, shared: SharedState | None = None):
+                 shuffle_buffer: int = 2048, shared: SharedState | None = None,
+                 num_classes: int | None = None, remote: RemoteOptions | None = None):
         self.urls, self.lengths = split.urls, split.lengths
         self.builder, self.batch_size, self.train = builder, batch_size, train
         self.seed, self.world_size, self.rank = seed, world_size, rank
         self.num_workers, self.shuffle_buffer = max(1, num_workers), shuffle_buffer
         self.shared = shared if shared is not None else SharedState(num_workers)
+        self.num_classes, self.remote = num_classes, remote or RemoteOptions()
         self.memory = None  # made in the worker, kept across epochs with persistent workers
 
     def __len__(self) -> int:
@@ -222,52 +292,82 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        physical = info.id if info is not None else 0
         shared = self.shared
         epoch = shared.epoch.value
         if self.memory is None:  # once per worker: counters and buffers outlive the epoch
             pooled = info is not None and shared.pool_size > 0
-            self.memory = Memory(info is not None, shared.free, worker * shared.pool_size,
-                                 shared.pool_size if pooled else 0, shared.counters(worker))
+            self.memory = Memory(info is not None, shared.free, physical * shared.pool_size,
+                                 shared.pool_size if pooled else 0, shared.counters(physical))
+        worker = (physical + shared.rotate.value) % self.num_workers  # whose share of the plan
         counters = self.memory.counters
         plan = self.plan(epoch, worker)
-        rng = random.Random(f"augment:{self.seed}:{epoch}:{self.rank}:{worker}")
+        tag = f"{self.seed}:{epoch}:{self.rank}:{worker}"
         warn = RateLimited()
-        samples = read_pieces(self.urls, plan.pieces, warn, counters)
+        samples = read_pieces(self.urls, plan.pieces, warn, counters, self.remote)
         if self.train and self.shuffle_buffer > 1:
-            samples = shuffled(samples, self.shuffle_buffer, rng)
-        yield from self._batches(samples, plan.num_samples, rng, warn, counters)
+            samples = shuffled(samples, self.shuffle_buffer, random.Random(f"shuffle:{tag}"))
+        start = shared.start_of(worker) if self.train else (0, 0, 0)
+        yield from self._batches(samples, plan.num_samples, epoch, worker, start, tag, warn, counters)
 
-    def _batches(self, samples, quota: int, rng, warn, counters: Counters):
-        """Exactly `quota` samples in full batches (the last one partial in eval); training pads
-        with recently seen samples when damaged data left the stream short."""
-        b, i, done, recent = self.builder, 0, 0, []
-        b.new(self.memory)
-        while done < quota:
+    def _batches(self, samples, quota: int, epoch: int, worker: int, start, tag: str, warn,
+                 counters: Counters):
+        """Exactly `quota` samples in full batches (the last one partial in eval).
+
+        Training pads when damaged data left the stream short: pad k repeats a sample of the
+        last PAD_POOL read, picked by a generator seeded with k, so a resumed run pads the
+        same way. `start` = (batches, taken, padded) already consumed by the run this one
+        resumes: those samples are read again (the shuffle buffer needs them) but not decoded.
+        """
+        b, i, pool, failed = self.builder, 0, [], set()
+        done, taken, padded = min(start[0] * self.batch_size, quota), start[1], start[2]
+        for _ in range(taken):
             sample = next(samples, None)
             if sample is None:
-                if not self.train or not recent:
-                    break
-                sample = rng.choice(recent)
-                counters.add(Stat.PADDED)
+                break
+            pool = (pool + [sample])[-PAD_POOL:]
+        if done < quota:
+            b.new(self.memory)
+        while done < quota:
+            sample, pad = next(samples, None), None
+            if sample is not None:
+                taken += 1
+                pool = (pool + [sample])[-PAD_POOL:]
+            elif not self.train or len(failed) == len(pool):
+                break
+            else:
+                pad = random.Random(f"pad:{tag}:{padded}").randrange(len(pool))
+                sample, padded = pool[pad], padded + 1
+                if pad in failed:
+                    continue
             try:
-                data, label = image_and_label(sample)
+                data, label = image_and_label(sample, self.num_classes)
+                rng = sample_rng(self.seed, epoch, sample["__index__"]) if self.train else None
                 b.add(i, data, label, rng)
-            except DecodeError as e:
+            except Exception as e:  # anything a decoder throws is this sample's problem, not the run's
                 counters.add(Stat.SKIPPED)
-                warn(f"skipped sample {sample.get('__key__')!r}: {e}")
+                if pad is not None:
+                    failed.add(pad)
+                reason = str(e) if isinstance(e, DecodeError) else f"{type(e).__name__}: {e}"
+                warn(f"skipped sample {sample.get('__key__')!r}: {reason}")
                 continue
-            if self.train:
-                recent = (recent + [sample])[-16:]
+            if pad is not None:
+                counters.add(Stat.PADDED)
             i, done = i + 1, done + 1
             counters.add(Stat.SAMPLES)
             if i == self.batch_size or done == quota:
-                yield b.finish(i)
+                yield self._tag(b.finish(i), worker, taken, padded)
                 i = 0
                 if done < quota:
                     b.new(self.memory)
         if i:
-            yield b.finish(i)
+            yield self._tag(b.finish(i), worker, taken, padded)
         if self.train and done < quota:
             raise DataLoadingError(f"rank {self.rank}: a loader worker could not read a single sample "
                                    f"of its {len(self.urls)}-shard split: see the warnings above")
+
+    @staticmethod
+    def _tag(batch, worker: int, taken: int, padded: int) -> Batch:
+        if isinstance(batch, Batch):
+            return batch._replace(worker=worker, taken=taken, padded=padded)
+        return Batch(batch, None, -1, worker, taken, padded)

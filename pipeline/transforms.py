@@ -4,8 +4,21 @@ Both decoders (torchvision `decode_jpeg`, PIL) share one resize: torch's uint8 a
 kernel, run on a crop first made channels-last-contiguous so that its output is already HWC
 (PIL's own resize and the strided-view variant cost more: BENCHMARKS.md, "Streaming loader").
 
-Reduced-size decoding: when the crop is at least twice the output size in both directions, the
-JPEG is decoded by PIL at 1/2, 1/4 or 1/8 scale (libjpeg-turbo DCT scaling, `Image.draft`).
+The geometry of a sample is a `Geometry`: a box of the source image, the size the box is
+resized to, and the offset of the output window in that resized image.
+- train: timm's RandomResizedCropAndInterpolation (crop box drawn as torchvision's
+  RandomResizedCrop.get_params, resized to the output; `interpolation="random"` picks bilinear
+  or bicubic per image after the box, as timm does), then a horizontal flip;
+- eval: timm's `transforms_imagenet_eval`: the whole image resized so that its shorter side is
+  floor(size / crop_pct) (torchvision's Resize rounding: the longer side truncated), then a
+  centre crop of `size` at round((H - size) / 2), round((W - size) / 2).
+
+Reduced-size decoding: when the box is at least twice the size it is resized to in both
+directions, the JPEG is decoded by PIL at 1/2, 1/4 or 1/8 scale (libjpeg-turbo DCT scaling,
+`Image.draft`).
+
+Before anything is decoded, the size in the image's header (a JPEG's frame header, PIL's header
+read for other formats) is held against MAX_PIXELS. 16-bit images become 8-bit.
 """
 from __future__ import annotations
 
@@ -17,51 +30,45 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .jpeg import jpeg_header
+from .geometry import INTERPOLATIONS, Geometry, crop_geometry, eval_geometry, pick_interpolation, rrc_box
+from .jpeg import MAX_PIXELS, jpeg_header
 
 # PIL hands over read-only buffers; we only ever read them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
-__all__ = ["DecodeError", "EvalTransform", "TrainTransform", "decode", "jpeg_header", "resize_into", "rrc_box"]
-
+__all__ = ["DecodeError", "EvalTransform", "Geometry", "INTERPOLATIONS", "TrainTransform", "check_pixels",
+           "crop_geometry", "decode", "eval_geometry", "jpeg_header", "resize_into", "rrc_box"]
 
 class DecodeError(Exception):
     """The bytes are not a decodable image."""
 
 
-def rrc_box(width: int, height: int, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop.get_params, on a `random.Random`: (x, y, w, h)."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
+def check_pixels(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise DecodeError(f"{width}x{height} pixels is over the limit of {MAX_PIXELS:,} (a decompression bomb?)")
 
 
-def center_box(width: int, height: int, size: int, crop_pct: float):
-    """timm's eval transform (resize shorter side to size/crop_pct, centre crop) as one box."""
-    scale = math.floor(size / crop_pct) / min(width, height)
-    w = min(width, max(1, int(round(size / scale))))
-    h = min(height, max(1, int(round(size / scale))))
-    return (width - w) // 2, (height - h) // 2, w, h
+def _header_size(data) -> tuple[int, int]:
+    """(width, height) of a non-JPEG image from its header, without decoding the pixels; an
+    image whose size cannot be read this way is not decoded at all."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise DecodeError(f"over the pixel limit: {e}") from None
+    except Exception as e:  # PIL raises several types for what it cannot identify
+        raise DecodeError(f"unreadable image header ({type(e).__name__}: {e})") from None
 
 
 def _decode_tv(data) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image
     buf = data if isinstance(data, torch.Tensor) else torch.frombuffer(data, dtype=torch.uint8)
-    return decode_image(buf, mode=ImageReadMode.RGB)
+    img = decode_image(buf, mode=ImageReadMode.RGB)
+    if img.dtype != torch.uint8:  # 16-bit PNG: keep the high byte
+        img = (img.to(torch.int32) >> 8).to(torch.uint8)
+    return img
 
 
 def _decode_pil(data, width=None, height=None, factor: float = 1.0) -> torch.Tensor:
@@ -75,28 +82,34 @@ def _decode_pil(data, width=None, height=None, factor: float = 1.0) -> torch.Ten
 
 
 def _rescale_box(box, sx: float, sy: float, img: torch.Tensor):
-    """Map a box from header pixels to decoded pixels, kept inside the image."""
+    """Map a box (or the box of a Geometry) from header pixels to decoded pixels, kept inside
+    the image; the rest of a Geometry is unchanged."""
     if sx == 1.0 and sy == 1.0:
         return box
     x, y = min(int(box[0] * sx), img.shape[2] - 1), min(int(box[1] * sy), img.shape[1] - 1)
     w = max(1, min(int(round(box[2] * sx)), img.shape[2] - x))
     h = max(1, min(int(round(box[3] * sy)), img.shape[1] - y))
-    return x, y, w, h
+    return (x, y, w, h) + tuple(box[4:]) if not isinstance(box, Geometry) else box._replace(x=x, y=y, w=w, h=h)
 
 
 def decode(data, box_fn, out_hw, decoder: str = "tv", reduce: bool = True):
-    """Decode `data` and pick its crop box: (CHW uint8 view with HWC memory, (x, y, w, h)).
+    """Decode `data` and pick its geometry: (CHW uint8 view with HWC memory, box or Geometry).
 
-    `box_fn(width, height)` returns the box in original pixels; the returned box is in the
-    pixels of the returned image, which is smaller when reduced-size decoding applied.
+    `box_fn(width, height)` returns a box (x, y, w, h), resized to `out_hw`, or a Geometry, in
+    original pixels; the returned box is in the pixels of the returned image, which is smaller
+    when reduced-size decoding applied.
     """
     try:
         header = jpeg_header(data)
         if header is None:  # PNG, WebP, a damaged JPEG...: decode first, then crop
+            check_pixels(*_header_size(data))
             img = _decode_tv(data) if decoder == "tv" else _decode_pil(data)
             return img, box_fn(img.shape[2], img.shape[1])
         width, height, _ = header
+        check_pixels(width, height)
         box = box_fn(width, height)
+        if isinstance(box, Geometry):
+            out_hw = (box.rh, box.rw)
         factor = min(box[2] / out_hw[1], box[3] / out_hw[0])
         if decoder == "tv" and not (reduce and factor >= 2):
             img = _decode_tv(data)
@@ -112,24 +125,46 @@ def decode(data, box_fn, out_hw, decoder: str = "tv", reduce: bool = True):
 
 
 def resize_into(img: torch.Tensor, box, out: torch.Tensor, flip: bool, mode: str) -> None:
-    """Crop `box` of a CHW image, resize it into the HWC uint8 `out`, flipping horizontally."""
-    x, y, w, h = box
+    """Crop `box` (x, y, w, h) of a CHW image and resize it into the HWC uint8 `out`; or, for a
+    Geometry, resize the box to (rh, rw) and copy the window at (top, left). Flips horizontally."""
+    x, y, w, h = box[:4]
+    size = tuple(out.shape[:2]) if not isinstance(box, Geometry) else (box.rh, box.rw)
     crop = img[:, y:y + h, x:x + w].unsqueeze(0).contiguous(memory_format=torch.channels_last)
-    res = F.interpolate(crop, size=tuple(out.shape[:2]), mode=mode, antialias=True)
+    res = F.interpolate(crop, size=size, mode=mode, antialias=True)
     hwc = res[0].permute(1, 2, 0)  # channels-last output: a contiguous HWC view
+    if isinstance(box, Geometry):
+        hwc = hwc[box.top:box.top + out.shape[0], box.left:box.left + out.shape[1]]
     out.copy_(hwc.flip(1) if flip else hwc)
 
 
+def _check_interpolation(name: str, allowed) -> str:
+    if name not in allowed:
+        raise ValueError(f"unknown interpolation {name!r}: choose one of {', '.join(allowed)}")
+    return name
+
+
 class TrainTransform:
-    """RandomResizedCrop(size, scale, ratio) + horizontal flip, in uint8."""
+    """RandomResizedCrop(size, scale, ratio) with bilinear, bicubic or random interpolation,
+    horizontal flip, then an optional uint8 augmentation of the output (RandAugment), in uint8.
+
+    Draws from `rng` per image, in timm's order: the crop box, the interpolation (only when
+    'random'), the flip, then whatever `augment(out, rng)` draws.
+    """
 
     def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
-                 interpolation: str = "bilinear", decoder: str = "tv", reduce: bool = True):
+                 interpolation: str = "bilinear", decoder: str = "tv", reduce: bool = True, augment=None):
         self.size, self.scale, self.ratio, self.hflip = size, scale, ratio, hflip
-        self.interpolation, self.decoder, self.reduce = interpolation, decoder, reduce
+        self.interpolation = _check_interpolation(interpolation, INTERPOLATIONS + ("random",))
+        self.decoder, self.reduce, self.augment = decoder, reduce, augment
 
     def box(self, width, height, rng):
         return rrc_box(width, height, rng, self.scale, self.ratio)
+
+    def geometry(self, width, height, rng) -> Geometry:
+        return crop_geometry(self.box(width, height, rng), self.size)
+
+    def mode(self, rng) -> str:
+        return pick_interpolation(self.interpolation, rng)
 
     def flip(self, rng) -> bool:
         return self.hflip > 0 and rng.random() < self.hflip
@@ -137,24 +172,35 @@ class TrainTransform:
     def __call__(self, data, out: torch.Tensor, rng) -> None:
         img, box = decode(data, lambda w, h: self.box(w, h, rng), (self.size, self.size),
                           self.decoder, self.reduce)
-        resize_into(img, box, out, self.flip(rng), self.interpolation)
+        mode = self.mode(rng)
+        resize_into(img, box, out, self.flip(rng), mode)
+        if self.augment is not None:
+            self.augment(out, rng)
 
 
 class EvalTransform:
-    """Resize the shorter side to size/crop_pct and centre-crop `size`, in uint8."""
+    """Resize the shorter side to floor(size / crop_pct) and centre-crop `size`, in uint8.
+
+    No reduced-size decoding by default: on large images it moves the tensor about 0.8 levels
+    away from timm's (tests/test_transforms.py), and evaluation is not the loader's bottleneck.
+    """
 
     def __init__(self, size: int, crop_pct: float = 0.875, interpolation: str = "bicubic",
-                 decoder: str = "tv", reduce: bool = True):
-        self.size, self.crop_pct, self.interpolation = size, crop_pct, interpolation
+                 decoder: str = "tv", reduce: bool = False):
+        self.size, self.crop_pct = size, crop_pct
+        self.interpolation = _check_interpolation(interpolation, INTERPOLATIONS)
         self.decoder, self.reduce = decoder, reduce
 
-    def box(self, width, height, rng=None):
-        return center_box(width, height, self.size, self.crop_pct)
+    def geometry(self, width, height, rng=None) -> Geometry:
+        return eval_geometry(width, height, self.size, self.crop_pct)
+
+    def mode(self, rng=None) -> str:
+        return self.interpolation
 
     def flip(self, rng) -> bool:
         return False
 
     def __call__(self, data, out: torch.Tensor, rng=None) -> None:
-        img, box = decode(data, self.box, (self.size, self.size), self.decoder, self.reduce)
-        resize_into(img, box, out, False, self.interpolation)
+        img, geom = decode(data, self.geometry, (self.size, self.size), self.decoder, self.reduce)
+        resize_into(img, geom, out, False, self.interpolation)
 

@@ -1,4 +1,11 @@
-"""Shared fixtures: a small generated ImageFolder and its shards (built once per session)."""
+"""Shared fixtures: a small generated ImageFolder and its shards (built once per session), and
+the torchrun helper with the reference 2-process run that test_train and test_faults compare to."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 
 from dataprep import make_shards
@@ -31,3 +38,44 @@ def cpu_bf16(request, monkeypatch):
     from model.device import CPU_BF16_ENV
     monkeypatch.setenv(CPU_BF16_ENV, "1" if request.param else "0")
     return request.param
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A small, fast training: resnet10t at 32 px, batch 8, one loader worker, a log row every step.
+SMALL = ["--model", "resnet10t", "--img-size", "32", "-b", "8", "-j", "1", "--log-interval", "1",
+         "--warmup-epochs", "1", "--lr", "0.05", "--shuffle-buffer", "16"]
+
+
+def torchrun_cmd(args, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(nproc), os.path.join(ROOT, "train_stream.py"), *args]
+
+
+def child_env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+
+def torchrun(args, nproc=2, timeout=240):
+    cmd = torchrun_cmd(args, nproc)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                            cwd=ROOT, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too, never leave them behind
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun timed out after {timeout} s (a hang?)\n{err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def read_metrics(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(demo_shards, tmp_path_factory):
+    """Two epochs on 2 gloo processes, uninterrupted: (args without --output, output folder, result)."""
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    args = ["--data_path", str(demo_shards), *SMALL, "--epochs", "2"]
+    return args, out, torchrun([*args, "--output", str(out)])

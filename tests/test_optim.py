@@ -9,7 +9,7 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from model.device import Device
-from model.optim import OptimizerError, create_optimizer, param_groups
+from model.optim import OPTIMIZERS, OptimizerError, create_optimizer, param_groups
 from model.schedule import LRSchedule, ScheduleConfig
 
 CPU = Device("cpu")
@@ -38,6 +38,24 @@ def test_no_weight_decay_on_bn_and_bias(resnet):
     assert timm_groups == by_wd
     # weight decay 0: one group, nothing decayed
     assert [g["weight_decay"] for g in param_groups(resnet, 0.0)] == [0.0]
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum"])
+def test_groups_and_nesterov_equal_timm_create_optimizer_v2(resnet, name):
+    """--opt sgd is timm's Nesterov SGD, --opt momentum its classical one; same groups, same order."""
+    from timm.optim import create_optimizer_v2
+    ref = create_optimizer_v2(resnet, name, lr=1.6, weight_decay=1e-4, momentum=0.9)
+    ours, desc = create_optimizer(resnet, lr=1.6, momentum=0.9, weight_decay=1e-4,
+                                  nesterov=OPTIMIZERS[name], device=CPU)
+    assert type(ours) is type(ref) is torch.optim.SGD
+    assert len(ours.param_groups) == len(ref.param_groups) == 2
+    for g, r in zip(ours.param_groups, ref.param_groups):
+        assert [id(p) for p in g["params"]] == [id(p) for p in r["params"]]
+        for key in ("weight_decay", "nesterov", "momentum", "dampening"):
+            assert g[key] == r[key], key
+        assert float(g["lr"]) == pytest.approx(r["lr"], rel=1e-7)  # ours: a float32 device tensor
+    assert ours.param_groups[0]["nesterov"] is (name == "sgd")
+    assert ("nesterov" in desc) is (name == "sgd")
 
 
 def test_fused_sgd_with_tensor_lr_on_cpu(resnet):

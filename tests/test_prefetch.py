@@ -13,7 +13,7 @@ from pipeline.gpu_decode import JpegBatches, crop_resize_flip, decode_batch
 from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize
 from pipeline.stream import Memory
 from pipeline.synthetic import SyntheticBatches
-from pipeline.transforms import TrainTransform
+from pipeline.transforms import EvalTransform, TrainTransform
 
 
 def uint8_batches(n, b=4, s=8, seed=0):
@@ -122,6 +122,27 @@ def test_gpu_decode_batches_match_cpu_decoding():
         ref = torch.empty((32, 32, 3), dtype=torch.uint8)
         tf(d, ref, random.Random(i))
         assert (images[i].int() - ref.int()).abs().float().mean() < 2.0
+
+
+@pytest.mark.parametrize("tf", [TrainTransform(32, interpolation="random", reduce=False),
+                                EvalTransform(32, crop_pct=0.875)], ids=["train-random", "eval"])
+def test_gpu_decode_geometry_and_interpolation_match_cpu_decoding(tf):
+    """Per-image interpolation (train 'random') and the eval resize-then-centre-crop travel
+    with the bytes: the device's result equals the workers' within float rounding."""
+    datas = [jpeg(120, 90, seed=i) if i % 2 else jpeg(70, 110, seed=i) for i in range(8)]
+    builder = JpegBatches(tf, len(datas))
+    builder.new(Memory(shared=False))
+    for i, d in enumerate(datas):
+        builder.add(i, d, i, random.Random(i))
+    batch = builder.finish(len(datas))
+    assert batch.boxes.shape == (8, 8)
+    if isinstance(tf, TrainTransform):
+        assert set(batch.modes.tolist()) == {0, 1}  # both bilinear and bicubic were drawn
+    images, _ = decode_batch(batch, "cpu")
+    for i, d in enumerate(datas):
+        ref = torch.empty((32, 32, 3), dtype=torch.uint8)
+        tf(d, ref, random.Random(i))
+        assert (images[i].int() - ref.int()).abs().float().mean() < 1.0
 
 
 def test_float_crop_resize_flip_matches_uint8_path():

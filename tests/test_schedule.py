@@ -1,4 +1,5 @@
-"""Our per-step LR must equal timm's scheduler (stepped per update) at every step of the run."""
+"""Our LR must equal timm's scheduler at every step of the run, stepped per epoch as the reference
+port's train.py drives it, and per update as timm's --sched-on-updates does."""
 import math
 
 import pytest
@@ -22,24 +23,31 @@ CASES = [
 
 
 def _timm_lrs(cfg: ScheduleConfig, n_steps_extra: int = 3):
+    """The LR of every optimizer update when timm's scheduler is driven as train.py drives it:
+    `step_update(num_updates)` after each update, `step(epoch + 1)` after each epoch (one of
+    the two is a no-op, depending on step_on_epochs)."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.base_lr)
     sched, num_epochs = create_scheduler_v2(
         opt, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
         decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
         warmup_epochs=cfg.warmup_epochs, warmup_prefix=cfg.warmup_prefix,
-        cooldown_epochs=cfg.cooldown_epochs, step_on_epochs=False,
+        cooldown_epochs=cfg.cooldown_epochs, step_on_epochs=not cfg.on_updates,
         updates_per_epoch=cfg.steps_per_epoch)
-    lrs = [opt.param_groups[0]["lr"]]  # value set at construction = LR of update 0
-    for n in range(1, num_epochs * cfg.steps_per_epoch + n_steps_extra):
-        sched.step_update(num_updates=n)
-        lrs.append(opt.param_groups[0]["lr"])
-    return num_epochs, lrs
+    lrs, n = [], 0  # the LR in the group when an update runs (epoch 0: the value set at construction)
+    for epoch in range(num_epochs + 1):  # one epoch past the end: the LR stays put
+        for _ in range(cfg.steps_per_epoch):
+            lrs.append(opt.param_groups[0]["lr"])
+            n += 1
+            sched.step_update(num_updates=n)
+        sched.step(epoch + 1)
+    return num_epochs, lrs[:num_epochs * cfg.steps_per_epoch + n_steps_extra]
 
 
+@pytest.mark.parametrize("on_updates", [False, True], ids=["per-epoch", "per-update"])
 @pytest.mark.parametrize("sched,epochs,spe,warmup,cooldown,extra", CASES)
-def test_lr_matches_timm_every_step(sched, epochs, spe, warmup, cooldown, extra):
+def test_lr_matches_timm_every_step(sched, epochs, spe, warmup, cooldown, extra, on_updates):
     cfg = ScheduleConfig(base_lr=0.4, epochs=epochs, steps_per_epoch=spe, sched=sched,
-                         warmup_epochs=warmup, cooldown_epochs=cooldown, **extra)
+                         warmup_epochs=warmup, cooldown_epochs=cooldown, on_updates=on_updates, **extra)
     num_epochs, expected = _timm_lrs(cfg)
     assert total_epochs(cfg) == num_epochs
     assert total_steps(cfg) == num_epochs * spe
@@ -47,11 +55,26 @@ def test_lr_matches_timm_every_step(sched, epochs, spe, warmup, cooldown, extra)
     for n, (a, b) in enumerate(zip(ours, expected)):
         assert a == pytest.approx(b, rel=1e-12, abs=0), f"step {n}: ours {a} timm {b}"
     # the curve really has the expected shape (guards against comparing two constants)
-    assert max(ours) <= 0.4 and len(set(ours)) > 3
+    assert max(ours) <= 0.4 and len(set(ours)) > (3 if on_updates else 2)  # per epoch: as few as 3 values
     if warmup:
         assert ours[0] == cfg.warmup_lr
     if sched == "cosine" and cooldown:
         assert ours[total_steps(cfg) - 1] == cfg.min_lr  # cooldown holds min_lr
+    if not on_updates:  # one value per epoch
+        assert all(len(set(ours[e * spe:(e + 1) * spe])) == 1 for e in range(num_epochs))
+
+
+def test_reference_run_lr_per_epoch():
+    """The port's 8-device run: --lr 1.6, 90 epochs, warmup 3 from 1e-4, min 1e-5, per epoch
+    (recipe: epochs 0-2 at 1e-4, 0.5334, 1.0667; epoch 3 at 1.59562; epoch 89 at 4.973e-4)."""
+    cfg = ScheduleConfig(base_lr=1.6, epochs=90, steps_per_epoch=7)  # per epoch: any step count
+    assert total_epochs(cfg) == 90
+    per_epoch = [lr_at(e * 7 + 3, cfg) for e in range(90)]
+    assert per_epoch[:3] == pytest.approx([1e-4, 0.53340, 1.06670], abs=1e-4)
+    assert per_epoch[3] == pytest.approx(1.59562, abs=1e-5)
+    assert per_epoch[89] == pytest.approx(4.973e-4, rel=1e-3)
+    num_epochs, expected = _timm_lrs(cfg, n_steps_extra=0)
+    assert [lr_at(n, cfg) for n in range(len(expected))] == expected  # bit-exact
 
 
 def test_cooldown_extends_cosine_only():
@@ -62,7 +85,7 @@ def test_cooldown_extends_cosine_only():
 
 
 def test_schedule_writes_float_and_tensor_lr_in_place():
-    cfg = ScheduleConfig(base_lr=0.2, epochs=4, steps_per_epoch=3, warmup_epochs=1)
+    cfg = ScheduleConfig(base_lr=0.2, epochs=4, steps_per_epoch=3, warmup_epochs=1, on_updates=True)
     p1, p2 = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     lr_tensor = torch.tensor(0.123)
     opt = torch.optim.SGD([{"params": [p1]}, {"params": [p2], "lr": 0.5}], lr=lr_tensor, fused=True)
@@ -97,6 +120,11 @@ def test_scale_lr_and_config_errors():
     assert scale_lr(0.1, 256) == pytest.approx(0.1)
     assert scale_lr(0.1, 8 * 256) == pytest.approx(0.8)
     assert math.isclose(scale_lr(0.1, 64), 0.025)
+    assert scale_lr(0.2, 8 * 256) == pytest.approx(1.6)  # the reference run: 0.2 per 256
+    assert scale_lr(0.2, 1024, base_size=512) == pytest.approx(0.4)
+    assert scale_lr(0.1, 1024, scale="sqrt") == pytest.approx(0.2)
+    with pytest.raises(ConfigError, match="lr-base-scale"):
+        scale_lr(0.1, 256, scale="cubic")
     with pytest.raises(ConfigError, match="unknown LR schedule"):
         ScheduleConfig(base_lr=0.1, epochs=1, steps_per_epoch=1, sched="poly")
     with pytest.raises(ConfigError, match="steps_per_epoch"):

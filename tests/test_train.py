@@ -1,52 +1,23 @@
 """train_stream.py end to end on the CPU: torchrun/DDP, resume, metrics, checkpoints, errors."""
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import SMALL, read_metrics, torchrun
 
 import engine.cli
 import train_stream
 from model.schedule import ScheduleConfig, lr_at
 from pipeline.stream import STATS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--model", "resnet10t", "--img-size", "32", "-b", "8", "-j", "1", "--log-interval", "1",
-         "--warmup-epochs", "1", "--lr", "0.05", "--shuffle-buffer", "16"]
-
-
-def torchrun(args, nproc=2, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(nproc), os.path.join(ROOT, "train_stream.py"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=ROOT, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too, never leave them behind
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun timed out after {timeout} s (a hang?)\n{err[-2000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def read_metrics(folder):
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
 
 @pytest.fixture(scope="module")
-def ddp_runs(demo_shards, tmp_path_factory):
+def ddp_runs(ddp_reference):
     """Two epochs straight, and one epoch + resume for the second, each on 2 gloo processes."""
-    base = tmp_path_factory.mktemp("runs")
-    common = ["--data_path", str(demo_shards), *SMALL]
-    straight = torchrun([*common, "--epochs", "2", "--output", str(base / "straight")])
-    first = torchrun([*common, "--epochs", "2", "--output", str(base / "resumed"), "--stop-after", "1"])
-    second = torchrun([*common, "--epochs", "2", "--output", str(base / "resumed"),
-                       "--resume", str(base / "resumed" / "last.pth")])
+    common, straight_dir, straight = ddp_reference
+    base = straight_dir.parent
+    first = torchrun([*common, "--output", str(base / "resumed"), "--stop-after", "1"])
+    second = torchrun([*common, "--output", str(base / "resumed"), "--resume", str(base / "resumed" / "last.pth")])
     return base, straight, first, second
 
 
@@ -168,7 +139,8 @@ def test_unreadable_data_is_a_clear_error_not_a_hang(workers, demo_shards, tmp_p
     root = tmp_path / "wds"
     shutil.copytree(demo_shards, root)
     for shard in root.glob("*-train-*.tar"):
-        shard.write_bytes(b"")  # present, so the start-up check passes, but empty
+        # present and of the right size, so the start-up checks pass, but garbage
+        shard.write_bytes(b"\x01" * shard.stat().st_size)
     code, out, err = run_main(["--data_path", str(root), *SMALL, "-j", workers, "--epochs", "1"], capsys)
     assert code == 1 and "data loading failed" in err and "could not read a single sample" in err
     error = err.split("train_stream: error:")[-1]

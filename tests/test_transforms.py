@@ -125,3 +125,76 @@ def test_reduced_size_decoding_for_large_crops(monkeypatch):
     reduced = torch.empty((224, 224, 3), dtype=torch.uint8)
     T.resize_into(img, scaled, reduced, False, "bilinear")
     assert np.abs(hwc(reduced) - hwc(full)).mean() < 2.0
+
+
+def photo_like(seed, size=(500, 375)):
+    """A JPEG with a photo's statistics: a demo-data scene (shape, texture, gradient, sensor
+    noise) under 1/f-like structure at several scales, so resampling differences show."""
+    from dataprep.demo import render
+    rng = np.random.default_rng(seed)
+    w, h = size
+    img = np.asarray(render(seed % 10, 10, size, rng), dtype=np.float32) * 0.7 + 40
+    for octave in (4, 16, 64):
+        small = rng.normal(0, 1, (max(2, h // octave), max(2, w // octave), 3))
+        small = ((small - small.min()) / np.ptp(small) * 255).astype(np.uint8)
+        up = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.float32)
+        img += (up - 128) * (octave / 64) * 0.6
+    return encode(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)))
+
+
+def timm_eval_uint8(data, size=224, crop_pct=0.875, interpolation="bicubic"):
+    """timm's eval transform on a PIL image, de-normalised back to HWC levels."""
+    from timm.data import create_transform
+    tf = create_transform(size, is_training=False, crop_pct=crop_pct, interpolation=interpolation)
+    x = tf(Image.open(io.BytesIO(bytes(data))).convert("RGB"))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    return (x * std[:, None, None] + mean[:, None, None]).mul(255).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (333, 500), (1200, 900)])
+def test_eval_tensor_equals_timm_on_photo_like_images(size):
+    """Resize the shorter side to floor(224 / 0.875) = 256 (bicubic), then centre-crop 224, with
+    torchvision's rounding: within half a level of timm's transform (a crop box resized straight
+    to 224 was 3-6 levels off: a crop shifted by up to a source pixel)."""
+    diffs = []
+    for seed in range(3):
+        data = photo_like(seed, size)
+        out = torch.empty((224, 224, 3), dtype=torch.uint8)
+        T.EvalTransform(224, 0.875, "bicubic")(data, out)
+        diffs.append(np.abs(hwc(out) - timm_eval_uint8(data)))
+    diff = np.stack(diffs)
+    assert diff.mean() < 0.5 and (diff > 2).mean() < 0.01, (diff.mean(), (diff > 2).mean())
+
+
+def test_eval_geometry_rounds_like_torchvision():
+    g = T.eval_geometry(500, 375, 224, 0.875)  # shorter side 375 -> 256, longer int(256 * 500 / 375)
+    assert (g.rh, g.rw, g.top, g.left) == (256, 341, 16, 58) and g[:4] == (0, 0, 500, 375)
+    g = T.eval_geometry(333, 500, 224, 0.875)
+    assert (g.rh, g.rw, g.top, g.left) == (384, 256, 80, 16)
+    g = T.eval_geometry(300, 300, 224, 1.0)
+    assert (g.rh, g.rw, g.top, g.left) == (224, 224, 0, 0)
+
+
+def test_random_interpolation_draws_box_then_mode_then_flip_like_timm():
+    """'random' picks bilinear or bicubic per image after the crop box, from the same Python
+    random stream timm's RandomResizedCropAndInterpolation uses (then the flip)."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    timm_rrc = RandomResizedCropAndInterpolation(64, interpolation="random")
+    data = encode(smooth_image(300, 200))
+    tf = T.TrainTransform(64, interpolation="random")
+    modes = []
+    for seed in range(24):
+        random.seed(seed)
+        i, j, h, w = timm_rrc.get_params(Image.new("RGB", (300, 200)), timm_rrc.scale, timm_rrc.ratio)
+        timm_mode = random.choice(timm_rrc.interpolation).value  # torchvision InterpolationMode
+        rng = random.Random(seed)
+        box, mode, flip = tf.box(300, 200, rng), tf.mode(rng), tf.flip(rng)
+        assert box == (j, i, w, h) and mode == timm_mode
+        modes.append(mode)
+        out, ref = (torch.empty((64, 64, 3), dtype=torch.uint8) for _ in range(2))
+        tf(data, out, random.Random(seed))
+        T.resize_into(*T.decode(data, lambda *_, b=box: b, (64, 64)), ref, flip, mode)
+        assert torch.equal(out, ref)
+    assert set(modes) == {"bilinear", "bicubic"}
+    with pytest.raises(ValueError, match="unknown interpolation"):
+        T.TrainTransform(64, interpolation="nearest")

@@ -1,16 +1,35 @@
 #!/usr/bin/env python3
-"""Loader-only throughput against the machine's decode ceiling, measured in one run.
+"""Loader-only throughput: ours against the machine's decode ceiling, timm's and DALI's loaders.
 
     python tools/bench_loader.py --data_path DIR [-j WORKERS] [-b BATCH] [--steps N]
-                                 [--decode cpu|pil|gpu] [--vs-timm] [--epochs E]
+                                 [--loader ours timm dali] [--decode cpu|pil|gpu ...] [--epochs E]
+                                 [--train-interpolation random] [--color-jitter 0.4 --jitter-in device|workers]
+                                 [--vs-plain]
 
-Ceiling: one core decoding + cropping the same images with the same transform, in this process,
-times the cores the workers can use (min(workers, cores)). Loader: our StreamLoader after warm-up
-batches. `--vs-timm` also runs timm's `create_loader` (same shards, same RandomResizedCrop + flip,
-no colour jitter, uint8 fast_collate output, no normalisation) for a side-by-side ratio.
-`--epochs E` runs E short epochs and reports the workers' resident memory after each one.
-`--rounds R` repeats everything R times, alternating, and reports medians (this machine's
-one-core rate drifts between runs). The last stdout line is a JSON object.
+Every loader named by `--loader` is timed in the same run, on the same shards, with the same
+cores (-j: workers, or DALI's threads; default train_stream.py's: cores - 1), batch size and train
+augmentation (RandomResizedCrop 0.08-1, 3/4-4/3, + flip, no colour jitter, uint8 output):
+  ours      our StreamLoader (pipeline/), once per `--decode` (cpu: torchvision, pil, gpu: nvJPEG)
+  timm      timm's `create_loader` on `create_dataset("wds/...")` (PIL), its uint8 fast_collate
+            output (the prefetcher is not iterated)
+  dali      NVIDIA DALI fed from our epoch plan (pipeline/dali.py), once per `--decode`
+            (cpu: DALI's cpu decoder, gpu: its mixed nvJPEG decoder); skipped with a note when
+            DALI is not installed (or, for gpu, without CUDA)
+The worker side of the train recipe is the same for every row: `--train-interpolation` (default
+bilinear; random: bilinear or bicubic per image, as timm) and, with `--jitter-in workers`, colour
+jitter per image in the workers (torchvision's uint8 ColorJitter; timm's loader gets the same).
+train_stream.py jitters batched on the device instead (`--jitter-in device`, the default), which
+costs the loader nothing. `--vs-plain` adds a row of our loader with today's plain settings
+(bilinear, no jitter) and the median of the per-round ratios ours/plain: the loader cost of the
+recipe's augmentation.
+Ceiling: one core decoding + cropping the same images with our CPU transform, in this process,
+times the cores the workers can use. `--rounds R` repeats everything R times, alternating, and
+reports medians (this machine's one-core rate drifts between runs). `--epochs E` runs E short
+epochs of our first loader and reports its workers' resident memory after each one.
+
+Each row names its settings; a ratio between two rows is printed only when the settings that
+must match (cores, batch, image size, augmentation, output) do, else one line says why. The last
+stdout line is a JSON object: `rows`, `ratios`, `refused`, `host`.
 """
 from __future__ import annotations
 
@@ -26,13 +45,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common.errors import DataError  # noqa: E402
-from common.host import usable_cores as cores  # noqa: E402
+from common.compare import mismatch  # noqa: E402
+from common.errors import DataError, UserError  # noqa: E402
+from common.host import usable_cores  # noqa: E402
+from engine.runtime import describe_host, host_facts, resolve_workers  # noqa: E402
 from pipeline.info import check_local_shards, load_info  # noqa: E402
 from pipeline.loader import create_loader  # noqa: E402
 from pipeline.shards import iter_samples, open_shard  # noqa: E402
 from pipeline.stream import image_and_label  # noqa: E402
 from pipeline.transforms import TrainTransform  # noqa: E402
+
+AUGMENT = "RandomResizedCrop(0.08-1, 3/4-4/3) + flip"
+LOADER_KEYS = ("cores", "batch_size", "img_size", "augment", "output")  # loader vs loader
+CEILING_KEYS = ("cores", "img_size", "augment", "decoder", "device")  # ours vs one core x cores
 
 
 def sample_bytes(split, n: int):
@@ -46,14 +71,41 @@ def sample_bytes(split, n: int):
     return out
 
 
-def one_core_rate(split, img_size: int, decoder: str, seconds: float) -> float:
+class WorkerJitter:
+    """torchvision's ColorJitter(b, c, s) on a worker's HWC uint8 crop (the design not taken)."""
+
+    def __init__(self, strength: float):
+        import torchvision.transforms.v2 as T2
+        self.jitter = T2.ColorJitter(strength, strength, strength)
+
+    def __call__(self, out, rng):
+        out.copy_(self.jitter(out.permute(2, 0, 1)).permute(1, 2, 0))
+
+
+def jitter_in_workers(args, plain: bool = False) -> bool:
+    return not plain and args.color_jitter > 0 and args.jitter_in == "workers"
+
+
+def worker_augment(args, plain: bool = False):
+    return WorkerJitter(args.color_jitter) if jitter_in_workers(args, plain) else None
+
+
+def augment_desc(args, plain: bool = False) -> str:
+    """The loader-side train augmentation of a row, as its settings name it."""
+    interp = "bilinear" if plain else args.train_interpolation
+    jitter = f", colour jitter {args.color_jitter:g} per image" if jitter_in_workers(args, plain) else ""
+    return f"{AUGMENT}, {interp} interpolation{jitter}"
+
+
+def one_core_rate(split, img_size: int, decoder: str, seconds: float, interpolation: str = "bilinear",
+                  augment=None) -> float:
     """Images/s of decode + RandomResizedCrop + flip on one thread of this process."""
     import random
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         datas = sample_bytes(split, 256)
-        tf = TrainTransform(img_size, decoder="pil" if decoder == "pil" else "tv")
+        tf = TrainTransform(img_size, decoder=decoder, interpolation=interpolation, augment=augment)
         out, rng = torch.empty((img_size, img_size, 3), dtype=torch.uint8), random.Random(0)
         for d in datas[:16]:
             tf(d, out, rng)
@@ -95,58 +147,136 @@ def time_batches(batches, warmup: int, steps: int, sync=lambda: None):
     return n / (time.perf_counter() - t0), n
 
 
-def ours(args, split, device):
+def settings(args, loader: str, decode: str, device: str, workers: int, plain: bool = False, **extra) -> dict:
+    """A row's settings; `workers` is read back from the loader object (processes or threads)."""
+    return {"loader": loader, "decode": decode, "device": device, "workers": workers,
+            "cores": min(workers, usable_cores()) if workers > 0 else 1, "batch_size": args.batch_size,
+            "img_size": args.img_size, "augment": augment_desc(args, plain), "output": "uint8 NHWC", **extra}
+
+
+def run_ours(args, split, decode: str, memory_epochs: int, plain: bool = False):
     # Batches are dropped at once, as the trainer's prefetcher does after copying them, so the
     # workers may reuse their buffers, as they do in training.
+    cuda = decode == "gpu" and torch.cuda.is_available()
     loader = create_loader(split, train=True, batch_size=args.batch_size, img_size=args.img_size,
-                           num_workers=args.workers, decoder=args.decode,
-                           pin_memory=device.type == "cuda", reuse_buffers=True)
-    batches = iter(loader)
-    sync = lambda: None  # noqa: E731
-    if args.decode == "gpu":
+                           num_workers=args.workers, decoder=decode, pin_memory=cuda, reuse_buffers=True,
+                           train_interpolation="bilinear" if plain else args.train_interpolation,
+                           augment=worker_augment(args, plain))
+    batches, sync = iter(loader), (lambda: None)
+    if cuda:  # nvJPEG: decode, crop and resize on the device (on the CPU only the loader runs)
         from model.device import resolve_device
         from pipeline.gpu_decode import make_to_device
-        from pipeline.prefetch import DevicePrefetcher, Normalize
-        dev = resolve_device(device.type)
-        feeder = DevicePrefetcher(dev, Normalize(dev.torch), make_to_device())
+        from pipeline.prefetch import DevicePrefetcher
+        dev = resolve_device("cuda")
+        feeder = DevicePrefetcher(dev, lambda images: images, make_to_device())  # uint8, like the others
         batches, sync = feeder(batches), dev.synchronize
     rate, n = time_batches(batches, args.warmup, args.steps, sync)
     rss = []
-    for epoch in range(1, args.epochs):
+    for epoch in range(1, memory_epochs):
         loader.set_epoch(epoch)
         for _ in islice(iter(loader), args.steps):
             pass
         rss.append(round(worker_rss_mb(os.getpid()), 1))
-    return rate, n, loader.stats(), rss
+    decoder = {"cpu": "torchvision", "pil": "PIL", "gpu": "nvJPEG" if cuda else "nvJPEG path on the CPU"}[decode]
+    side = settings(args, "ours-plain" if plain else "ours", decode, "cuda" if cuda else "cpu",
+                    loader.loader.num_workers, plain, decoder=decoder)
+    if decode == "gpu" and not cuda:
+        side["output"] = "JPEG bytes + crop boxes (no device to decode them)"
+    return rate, n, dict(loader.stats(), worker_rss_mb_per_epoch=rss), side
 
 
-def timm_rate(args) -> float:
+def run_timm(args, split, decode, memory_epochs):
     from timm.data import create_dataset
     from timm.data import create_loader as timm_create_loader
     ds = create_dataset(f"wds/{os.path.basename(args.data_path.rstrip('/'))}", root=args.data_path,
                         split="train", is_training=True, batch_size=args.batch_size)
     loader = timm_create_loader(ds, input_size=(3, args.img_size, args.img_size),
-                                batch_size=args.batch_size, is_training=True, color_jitter=0.0,
+                                batch_size=args.batch_size, is_training=True,
+                                color_jitter=args.color_jitter if jitter_in_workers(args) else 0.0,
+                                interpolation=args.train_interpolation,
                                 num_workers=args.workers, use_prefetcher=True,
                                 device=torch.device("cpu"), persistent_workers=True)
     raw = getattr(loader, "loader", loader)  # timm's uint8 DataLoader under its prefetcher
-    return time_batches(raw, args.warmup, args.steps)[0]
+    rate, n = time_batches(raw, args.warmup, args.steps)
+    return rate, n, {}, settings(args, "timm", "pil", "cpu", raw.num_workers, decoder="PIL")
+
+
+def run_dali(args, split, decode, memory_epochs):
+    from pipeline.dali import DaliLoader
+    gpu = decode == "gpu"
+    loader = DaliLoader(split, train=True, batch_size=args.batch_size, img_size=args.img_size,
+                        num_threads=args.workers, decode=decode, interpolation=args.train_interpolation,
+                        device_id=torch.cuda.current_device() if gpu else None)
+    try:
+        rate, n = time_batches(loader, args.warmup, args.steps)
+    finally:
+        loader.close()
+    extra = loader.settings()
+    side = settings(args, "dali", decode, "cuda" if gpu else "cpu", extra.pop("threads"), **extra)
+    return rate, n, loader.stats(), side
+
+
+def rows_to_run(args) -> list[tuple[str, str, str]]:
+    """(row name, loader, decode) in the order they run each round."""
+    rows = []
+    for loader in args.loader:
+        if loader == "timm":
+            rows.append(("timm", "timm", "pil"))
+            continue
+        for decode in args.decode:
+            if loader == "dali" and decode == "pil":
+                continue  # DALI has no PIL decoder
+            rows.append((f"{loader}-{decode}", loader, decode))
+    if args.vs_plain and "ours" in args.loader:
+        rows.append(("plain", "plain", args.decode[0]))
+    return rows
+
+
+def unavailable(loader: str, decode: str) -> str | None:
+    """Why a row cannot run on this machine (None: it can)."""
+    if loader == "dali":
+        from pipeline.dali import dali_missing
+        missing = dali_missing()
+        if missing:
+            return missing
+        if decode == "gpu" and not torch.cuda.is_available():
+            return "DALI's mixed decoder needs a CUDA device"
+    return None
+
+
+def run_plain(args, split, decode, memory_epochs):
+    return run_ours(args, split, decode, 1, plain=True)
+
+
+RUNNERS = {"ours": run_ours, "timm": run_timm, "dali": run_dali, "plain": run_plain}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_path", required=True, help="shard folder with _info.json")
-    p.add_argument("-j", "--workers", type=int, default=cores(), help="DataLoader workers (default: all cores)")
+    p.add_argument("-j", "--workers", type=int, default=None,
+                   help="loader workers (DALI: threads); default: train_stream.py's (cores - 1)")
     p.add_argument("-b", "--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=40, help="measured batches")
     p.add_argument("--warmup", type=int, default=5, help="batches before timing")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--decode", choices=("cpu", "pil", "gpu"), default="cpu")
+    p.add_argument("--loader", nargs="+", choices=("ours", "timm", "dali"), default=["ours"],
+                   help="loaders to time in this run (default: ours)")
+    p.add_argument("--decode", nargs="+", choices=("cpu", "pil", "gpu"), default=["cpu"],
+                   help="decoders for ours and dali (default: cpu)")
     p.add_argument("--ceiling-seconds", type=float, default=5.0)
-    p.add_argument("--vs-timm", action="store_true", help="also time timm's create_loader")
+    p.add_argument("--vs-timm", action="store_true", help="same as adding timm to --loader")
     p.add_argument("--epochs", type=int, default=1, help="epochs for the worker-memory check")
-    p.add_argument("--rounds", type=int, default=1, help="repeat and report medians")
+    p.add_argument("--rounds", type=int, default=3, help="repeat, alternating, and report medians")
+    p.add_argument("--train-interpolation", choices=("bilinear", "bicubic", "random"), default="bilinear")
+    p.add_argument("--color-jitter", type=float, default=0.0, help="colour jitter strength (0: none)")
+    p.add_argument("--jitter-in", choices=("device", "workers"), default="device",
+                   help="device: train_stream.py's batched jitter, no loader work; workers: per image in the workers")
+    p.add_argument("--vs-plain", action="store_true",
+                   help="also time our plain loader (bilinear, no jitter) in the same rounds")
     args = p.parse_args(argv)
+    if args.vs_timm and "timm" not in args.loader:
+        args.loader.append("timm")
     try:
         info = load_info(args.data_path)
         split = info.split("train")
@@ -154,33 +284,97 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"bench_loader: error: {e}", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if args.decode == "gpu" and torch.cuda.is_available() else "cpu")
+    args.workers = resolve_workers(args.workers)
+    args.cores = min(args.workers, usable_cores()) if args.workers > 0 else 1
+    host = host_facts()
+    print(f"host: {describe_host(host)}", flush=True)
 
-    used = min(args.workers, cores()) if args.workers > 0 else 1
-    ones, rates, timms, rss = [], [], [], []
+    rows = {}
+    for name, loader, decode in rows_to_run(args):
+        why = unavailable(loader, decode)
+        rows[name] = {"skipped": why} if why else {"rounds": [], "loader": loader, "decode": decode}
+        if why:
+            print(f"{name}: skipped: {why}", flush=True)
+    ceiling_decoder = next((d for d in args.decode if d in ("cpu", "pil")), None) if "ours" in args.loader else None
+    ones = []
+    memory_epochs = args.epochs
     for r in range(args.rounds):  # alternate the measurements so that drift hits all of them
-        ones.append(one_core_rate(split, args.img_size, args.decode, args.ceiling_seconds))
-        rate, n, stats, rss = ours(args, split, device)
-        rates.append(rate)
-        line = f"round {r}: ours {rate:.1f} img/s, one core {ones[-1]:.1f} img/s"
-        if args.vs_timm:
-            timms.append(timm_rate(args))
-            line += f", timm {timms[-1]:.1f} img/s"
-        print(line, flush=True)
-    one, rate = statistics.median(ones), statistics.median(rates)
-    result = {"img_per_s": round(rate, 1), "ceiling_img_per_s": round(one * used, 1),
-              "ratio": round(rate / (one * used), 3), "one_core_img_per_s": round(one, 1),
-              "cores_used": used, "workers": args.workers, "batch_size": args.batch_size,
-              "decode": args.decode, "img_size": args.img_size, "images": n, "rounds": args.rounds,
-              "skipped": stats.get("skipped", 0)}
-    if rss:
-        result["worker_rss_mb_per_epoch"] = rss
-    print(f"ours  {rate:8.1f} img/s   ceiling {one * used:8.1f} img/s "
-          f"({used} x {one:.1f})   ratio {rate / (one * used):.3f}   (medians of {args.rounds})")
-    if args.vs_timm:
-        t = statistics.median(timms)
-        result.update(timm_img_per_s=round(t, 1), vs_timm=round(rate / t, 3))
-        print(f"timm  {t:8.1f} img/s   ours/timm {rate / t:.3f}")
+        line = [f"round {r}:"]
+        if ceiling_decoder:
+            ones.append(one_core_rate(split, args.img_size, "pil" if ceiling_decoder == "pil" else "tv",
+                                      args.ceiling_seconds, args.train_interpolation, worker_augment(args)))
+            line.append(f"one core {ones[-1]:.1f}")
+        for name, row in rows.items():
+            if "skipped" in row:
+                continue
+            try:
+                rate, n, stats, side = RUNNERS[row["loader"]](args, split, row["decode"], memory_epochs)
+            except UserError as e:  # e.g. DALI present but unusable here: a row, not a crash
+                row.clear()
+                row["skipped"] = str(e)
+                print(f"{name}: skipped: {e}", flush=True)
+                continue
+            if row["loader"] == "ours":
+                memory_epochs = 1  # the memory check runs once, on our first loader
+            row["rounds"].append(round(rate, 1))
+            rss = stats.pop("worker_rss_mb_per_epoch", None)
+            if rss:
+                row["worker_rss_mb_per_epoch"] = rss
+            row.update(images=n, settings=side, stats={k: v for k, v in stats.items() if v})
+            line.append(f"{name} {rate:.1f}")
+        print(" ".join(line[:1]) + " " + ", ".join(line[1:]) + " img/s", flush=True)
+
+    result = {"rows": {}, "ratios": {}, "refused": {}, "rounds": args.rounds, "workers": args.workers,
+              "cores_used": args.cores, "batch_size": args.batch_size, "img_size": args.img_size,
+              "data_path": args.data_path, "host": host}
+    sides = {}
+    for name, row in rows.items():
+        if "skipped" in row:
+            result["rows"][name] = row
+            continue
+        med = statistics.median(row["rounds"])
+        result["rows"][name] = dict(img_per_s=round(med, 1), **{k: v for k, v in row.items()
+                                                                 if k not in ("loader", "decode")})
+        sides[name] = (med, row["settings"])
+    if ones:
+        one = statistics.median(ones)
+        ceiling = {"loader": "one core x cores", "decode": ceiling_decoder, "device": "cpu", "cores": args.cores,
+                   "img_size": args.img_size, "augment": augment_desc(args), "output": "uint8 HWC",
+                   "threads_per_core": 1,
+                   "decoder": "PIL" if ceiling_decoder == "pil" else "torchvision"}
+        result["rows"]["ceiling"] = {"img_per_s": round(one * args.cores, 1), "one_core_img_per_s": round(one, 1),
+                                     "rounds": [round(x, 1) for x in ones], "settings": ceiling}
+        sides["ceiling"] = (one * args.cores, ceiling)
+
+    print(f"\n{'row':12s} {'img/s':>9s}  settings")
+    for name, row in result["rows"].items():
+        if "skipped" in row:
+            print(f"{name:12s} {'-':>9s}  skipped: {row['skipped']}")
+            continue
+        s = row["settings"]
+        print(f"{name:12s} {row['img_per_s']:9.1f}  {s['decoder']}, {s['cores']} cores, {s['device']} "
+              f"(rounds: {', '.join(map(str, row['rounds']))})")
+    for a, (rate_a, side_a) in sides.items():  # ours against every other row
+        if side_a["loader"] != "ours":
+            continue
+        for b, (rate_b, side_b) in sides.items():
+            if b == a or side_b["loader"] == "ours":
+                continue
+            keys = CEILING_KEYS if b == "ceiling" else LOADER_KEYS
+            if b == "plain":  # the point of this row: the same loader without the recipe's augmentation
+                keys = tuple(k for k in LOADER_KEYS if k != "augment")
+            why = mismatch({a: side_a, b: side_b}, keys)
+            if why:
+                result["refused"][f"{a}/{b}"] = why
+                print(f"{a}/{b}: no ratio: {why}")
+            elif b == "plain":  # rounds alternate: the median of the per-round ratios is steadier
+                per_round = [x / y for x, y in zip(rows[a]["rounds"], rows[b]["rounds"])]
+                result["ratios"][f"{a}/{b}"] = round(statistics.median(per_round), 3)
+                result["ratios"][f"{a}/{b} rounds"] = [round(x, 3) for x in per_round]
+                print(f"{a}/{b}: {statistics.median(per_round):.3f} (median of the per-round ratios)")
+            else:
+                result["ratios"][f"{a}/{b}"] = round(rate_a / rate_b, 3)
+                print(f"{a}/{b}: {rate_a / rate_b:.3f}")
     print(json.dumps(result))
     return 0
 

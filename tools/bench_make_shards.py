@@ -7,7 +7,10 @@ Prints, for N and 2N images (files warm in the page cache): the median wall time
 (a fresh output each time, default workers, --quiet: silent like tar) and of `tar -cf` over the
 same folder, their ratio,
 and the peak RSS of the make_shards parent and of its largest worker; then the per-image cost of
-the ways to check an image and to write tar members. The last line is one JSON object.
+the ways to check an image and to write tar members. Each size names the settings of both sides
+(images and bytes in, page cache warm, processes: tar's one, make_shards' default workers as its
+child resolved them); a ratio is printed only when the images and bytes match (e.g. not when
+make_shards skipped a file), else one line says why. The last line is one JSON object.
 """
 import argparse
 import io
@@ -24,22 +27,30 @@ import time
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.compare import mismatch  # noqa: E402
+from common.host import usable_cores  # noqa: E402
 from dataprep.demo import make_demo_data  # noqa: E402
 from pipeline.jpeg import jpeg_frame  # noqa: E402
 from pipeline.shards import tar_members  # noqa: E402
 
 CLASSES = 20
+SIDE_KEYS = ("images", "skipped", "transcoded", "cache")  # what tar and make_shards must share for a ratio
 # Runs make_shards' main in a child and reports its peak RSS and that of its largest worker. The parent
 # reads VmHWM: its ru_maxrss would include the benchmark process it was forked from (Linux keeps
 # the larger of the pre- and post-exec peaks).
+# It also reports what make_shards wrote (from its _info.json) and the workers its default resolves to.
 RUN_WITH_RSS = """
-import json, resource, sys
+import json, os, resource, sys
 sys.path.insert(0, sys.argv[1])
+from common.host import usable_cores
 from dataprep.cli import make_shards_main
 rc = make_shards_main(sys.argv[2:])
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+info = json.load(open(os.path.join(sys.argv[sys.argv.index("--out") + 1], "_info.json")))
+total = {k: sum(c[k] for c in info["counts"].values()) for k in ("images", "skipped", "transcoded")}
 print(json.dumps({"rc": rc, "parent_kb": int(hwm.split()[1]),
-                  "worker_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+                  "worker_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+                  "workers": usable_cores(), **total}))
 """
 
 
@@ -166,7 +177,10 @@ def main(argv=None):
         t = time.perf_counter()
         data = make_data(workdir, args.images)
         print(f"data ready in {time.perf_counter() - t:.1f} s under {workdir}")
-        result = {"workers": len(os.sched_getaffinity(0)), "repeats": args.repeats, "sizes": {}}
+        from engine.runtime import describe_host, host_facts  # the machine, as every benchmark names it
+        host = host_facts()
+        print(f"host: {describe_host(host)}", flush=True)
+        result = {"workers": usable_cores(), "repeats": args.repeats, "sizes": {}, "host": host, "refused": {}}
         for label, root in data.items():
             count, nbytes = folder_stats(root)
             tar_s, shard_s, rss = [], [], []
@@ -179,15 +193,27 @@ def main(argv=None):
                    "make_shards_s": round(statistics.median(shard_s), 3),
                    "parent_rss_mb": round(max(r["parent_kb"] for r in rss) / 1024, 1),
                    "worker_rss_mb": round(max(r["worker_kb"] for r in rss) / 1024, 1)}
-            row["ratio"] = round(row["make_shards_s"] / row["tar_s"], 2)
+            last = rss[-1]
+            row["sides"] = {
+                "tar": {"tool": "tar -cf", "processes": 1, "images": count, "skipped": 0, "transcoded": 0,
+                        "cache": "warm"},
+                "make_shards": {"tool": "make_shards --quiet", "processes": last["workers"], "images": last["images"],
+                                "skipped": last["skipped"], "transcoded": last["transcoded"], "cache": "warm"}}
+            why = mismatch(row["sides"], SIDE_KEYS)
+            row["ratio"] = None if why else round(row["make_shards_s"] / row["tar_s"], 2)
             result["sizes"][label] = row
             print(f"{label:>2}: {count} images, {row['mb']} MB: tar -cf {row['tar_s']:.3f} s, make_shards "
-                  f"{row['make_shards_s']:.3f} s, ratio {row['ratio']:.2f}; peak RSS parent {row['parent_rss_mb']} MB, "
-                  f"largest worker {row['worker_rss_mb']} MB")
+                  f"{row['make_shards_s']:.3f} s ({last['workers']} workers), "
+                  + (f"no ratio: {why}" if why else f"ratio {row['ratio']:.2f}")
+                  + f"; peak RSS parent {row['parent_rss_mb']} MB, largest worker {row['worker_rss_mb']} MB")
+            if why:
+                result["refused"][label] = why
         n, n2 = result["sizes"]["n"], result["sizes"]["2n"]
         # Cost of the extra N images alone, without the fixed start-up cost of either tool.
-        result["marginal_ratio"] = round((n2["make_shards_s"] - n["make_shards_s"]) / (n2["tar_s"] - n["tar_s"]), 2)
-        print(f"marginal ratio (2N minus N): {result['marginal_ratio']:.2f}")
+        extra_tar = n2["tar_s"] - n["tar_s"]
+        if n["ratio"] is not None and n2["ratio"] is not None and extra_tar > 0:  # tiny runs: tar's times may tie
+            result["marginal_ratio"] = round((n2["make_shards_s"] - n["make_shards_s"]) / extra_tar, 2)
+            print(f"marginal ratio (2N minus N): {result['marginal_ratio']:.2f}")
         result["check_us_per_image"] = check_costs(data["n"])
         result["write_us_per_image"] = writer_costs(data["n"])
         print("check cost per image (us):", result["check_us_per_image"])

@@ -3,13 +3,19 @@
 
     python tools/bench_overhead.py [--model resnet50.gluon_in1k] [--img-size 64] [-b 32]
                                    [--steps 20] [--warmup 5] [--rounds 3] [--device cpu]
+                                   [--amp-dtype bfloat16|float16] [--no-amp]
 
-Both sides train the same model on the same device-resident batch with the same precision,
-channels-last layout, label-smoothing loss and fused SGD. The bare loop is only
-forward / backward / step / zero_grad; ours is `train_stream.py --synthetic --performance`
-(run in this process), which adds the per-step LR update, on-device normalisation and the
-loop's bookkeeping. Rounds alternate (bare, ours, bare, ours, ...) so drift hits both; the
-median of each side is compared. Last stdout line: JSON with `overhead` = ours/bare time - 1.
+Both sides train the same model on the same device-resident batch with the same label-smoothing
+loss and fused SGD. Device, precision, channels-last and torch's switches come from the same
+code as train_stream.py's (the bare side parses train_stream's own flags and resolves them with
+engine.runtime), so on a CPU without fast bfloat16 both run float32 and on one with it both run
+bf16 autocast. The bare loop is only forward / backward / step / zero_grad; ours is
+`train_stream.py --synthetic --performance --color-jitter 0` (run in this process), which adds
+the per-step LR update, on-device normalisation and the loop's bookkeeping (colour jitter is
+augmentation work, measured by tools/bench_jitter.py). Rounds alternate (bare, ours, ...)
+so drift hits both; the medians are compared. Last stdout line: JSON with `overhead` = ours/bare
+time - 1, the settings of each side under `sides`, and the machine under `host`; when the sides'
+settings differ, `overhead` is null and `refused` says why.
 """
 from __future__ import annotations
 
@@ -26,22 +32,40 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from common.compare import mismatch  # noqa: E402
 from engine.cli import main as train_stream_main  # noqa: E402
-from model.device import resolve_device  # noqa: E402
+from engine.config import parse_args  # noqa: E402
+from engine.dist import setup_distributed  # noqa: E402
+from engine.runtime import compute_settings, configure_torch, describe_host, host_facts, precision_for  # noqa: E402
 from model.factory import create_model  # noqa: E402
-from model.precision import resolve_precision  # noqa: E402
+
+NUM_CLASSES = 1000  # train_stream --synthetic without --data_path
 
 
-def bare_loop(args, device) -> float:
-    """Images/s of the plainest loop that does the same training work."""
+def train_stream_argv(args) -> list[str]:
+    argv = ["--synthetic", "--performance", "--model", args.model, "--img-size", str(args.img_size),
+            "-b", str(args.batch_size), "--perf-steps", str(args.steps), "--perf-warmup", str(args.warmup),
+            "--device", args.device, "--color-jitter", "0"]
+    if args.amp_dtype:
+        argv += ["--amp-dtype", args.amp_dtype]
+    return argv + ([] if args.amp else ["--no-amp"])
+
+
+def bare_loop(args) -> tuple[float, dict]:
+    """Images/s of the plainest loop that does the same training work, and its settings."""
+    ts = parse_args(train_stream_argv(args))  # train_stream's flags, resolved as it resolves them
+    device = setup_distributed(ts.device, ts.device_id).device
+    configure_torch()
     torch.manual_seed(0)
-    model = create_model(args.model, num_classes=1000, channels_last=True, device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, fused=True)
-    precision = resolve_precision(device)  # train_stream's own choice for this device
-    crit = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device.torch)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (args.batch_size,), device=device.torch)
+    model = create_model(ts.model, num_classes=NUM_CLASSES, channels_last=ts.channels_last, device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
+                          nesterov=ts.opt in ("sgd", "nesterov"), fused=True)
+    precision = precision_for(ts, device)
+    crit = torch.nn.CrossEntropyLoss(label_smoothing=ts.smoothing)
+    x = torch.randn(ts.batch_size, 3, ts.img_size, ts.img_size, device=device.torch)
+    if ts.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, NUM_CLASSES, (ts.batch_size,), device=device.torch)
 
     def step():
         with precision.autocast():
@@ -49,26 +73,28 @@ def bare_loop(args, device) -> float:
         opt.zero_grad(set_to_none=True)
         precision.backward(loss, opt)
         precision.step(opt)
-    for _ in range(args.warmup):
+    for _ in range(ts.perf_warmup):
         step()
     device.synchronize()
     t0 = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(ts.perf_steps):
         step()
     device.synchronize()
-    return args.steps * args.batch_size / (time.perf_counter() - t0)
+    settings = dict(compute_settings(device, precision, ts.channels_last), model=ts.model,
+                    img_size=ts.img_size, batch_size=ts.batch_size, num_classes=NUM_CLASSES, compile=None)
+    return ts.perf_steps * ts.batch_size / (time.perf_counter() - t0), settings
 
 
-def ours(args) -> float:
+def ours(args) -> tuple[float, dict]:
     out = io.StringIO()
-    argv = ["--synthetic", "--performance", "--model", args.model, "--img-size", str(args.img_size),
-            "-b", str(args.batch_size), "--perf-steps", str(args.steps), "--perf-warmup", str(args.warmup),
-            "--device", args.device]
     with contextlib.redirect_stdout(out):
-        code = train_stream_main(argv)
+        code = train_stream_main(train_stream_argv(args))
     if code != 0:
         raise SystemExit(f"train_stream.py failed with exit code {code}")
-    return json.loads(out.getvalue().strip().splitlines()[-1])["fps"]
+    r = json.loads(out.getvalue().strip().splitlines()[-1])
+    settings = dict(r["settings"], model=r["model"], img_size=r["img_size"], batch_size=r["batch_size"],
+                    num_classes=r["num_classes"], compile=r["compile"])
+    return r["fps"], settings
 
 
 def main(argv=None) -> int:
@@ -80,20 +106,36 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=("auto", "cuda", "npu", "cpu"))
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="as train_stream.py's --amp (both sides)")
+    p.add_argument("--amp-dtype", default=None, choices=("bfloat16", "float16"),
+                   help="as train_stream.py's --amp-dtype (both sides); default: its own choice")
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
-    args.device = device.type
+    host = host_facts()
+    print(f"host: {describe_host(host)}", flush=True)
     bare, mine = [], []
     for r in range(args.rounds):
-        bare.append(bare_loop(args, device))
-        mine.append(ours(args))
+        rate, bare_settings = bare_loop(args)
+        bare.append(rate)
+        rate, our_settings = ours(args)
+        mine.append(rate)
         print(f"round {r}: bare {bare[-1]:.1f} img/s, train_stream {mine[-1]:.1f} img/s", flush=True)
+    sides = {"bare": bare_settings, "train_stream": our_settings}
+    refused = mismatch(sides, sorted(set(bare_settings) | set(our_settings)))
     b, m = statistics.median(bare), statistics.median(mine)
     result = {"bare_img_per_s": round(b, 2), "train_stream_img_per_s": round(m, 2),
-              "overhead": round(b / m - 1, 4), "model": args.model, "img_size": args.img_size,
-              "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
-              "device": device.type, "torch": torch.__version__}
-    print(f"median: bare {b:.1f} img/s, train_stream {m:.1f} img/s, per-step overhead {b / m - 1:+.1%}")
+              "overhead": None if refused else round(b / m - 1, 4), "model": args.model,
+              "img_size": args.img_size, "batch_size": args.batch_size, "steps": args.steps,
+              "rounds": args.rounds, "rounds_bare": [round(x, 2) for x in bare],
+              "rounds_train_stream": [round(x, 2) for x in mine], "device": our_settings["device"],
+              "amp_dtype": our_settings["amp_dtype"], "sides": sides, "host": host}
+    print(f"median: bare {b:.1f} img/s, train_stream {m:.1f} img/s "
+          f"({our_settings['device']}, {our_settings['amp_dtype']}, {our_settings['threads']} threads)")
+    if refused:
+        result["refused"] = refused
+        print(f"no overhead ratio: {refused}")
+    else:
+        print(f"per-step overhead {b / m - 1:+.1%}")
     print(json.dumps(result))
     return 0
 
