@@ -29,6 +29,7 @@ class Data:
     workers: int | None = None  # loader workers per process (None: synthetic data)
     identity: dict | None = None  # the data set's name, fingerprint and size (checkpoints record it)
     val_samples: int = 0  # validation images _info.json lists: fewer seen = an incomplete validation
+    classes: tuple = ()  # class names in index order (_info.json), recorded in checkpoints
 
 
 def prepare_demo(args, d: Dist) -> None:
@@ -73,6 +74,15 @@ def make_augment(args, d: Dist, num_classes: int) -> DeviceAugment | None:
     return augment if augment.active else None
 
 
+def has_validation(args, d: Dist, info) -> bool:
+    """Whether the shards have a validation split; says so when they have none."""
+    found = any(name in info.splits for name in ("validation", "val", "valid"))
+    if not found and not (args.no_val or args.performance):
+        d.say(f"warning: {args.data_path} has no validation split: no validation and no best.pth "
+              "(make_shards writes one from SRC/val/)")
+    return found
+
+
 def make_data(args, d: Dist) -> Data:
     dev = d.device
     if args.decode == "gpu" and dev.type != "cuda":
@@ -115,7 +125,7 @@ def make_data(args, d: Dist) -> Data:
         raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
                         f"({args.batch_size} x {d.world} processes); lower -b")
     val, val_samples = None, 0
-    has_val = any(name in info.splits for name in ("validation", "val", "valid"))
+    has_val = has_validation(args, d, info)
     if has_val and not (args.no_val or args.performance):
         vsplit = info.split("validation")
         check_local_shards(vsplit)
@@ -126,7 +136,8 @@ def make_data(args, d: Dist) -> Data:
           f"{len(train)} steps/epoch/rank, {workers} workers/rank, decode {args.decode}")
     d.say(f"augmentation: crop {args.train_interpolation}{', ' + args.aa if args.aa else ''}"
           f"{'; on the device: ' + augment.describe() if augment else ''}")
-    return Data(train, val, num_classes, feed, val_feed, augment, workers, info.identity(), val_samples)
+    return Data(train, val, num_classes, feed, val_feed, augment, workers, info.identity(), val_samples,
+                tuple(info.classes))
 
 
 def _dali_data(args, d: Dist, info, split, workers: int, num_classes: int, feed, val_feed, augment) -> Data:
@@ -144,7 +155,7 @@ def _dali_data(args, d: Dist, info, split, workers: int, num_classes: int, feed,
         raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
                         f"({args.batch_size} x {d.world} processes); lower -b")
     val, val_samples = None, 0
-    has_val = any(name in info.splits for name in ("validation", "val", "valid"))
+    has_val = has_validation(args, d, info)
     if has_val and not (args.no_val or args.performance):
         vsplit = info.split("validation")
         common["batch_size"] = args.validation_batch_size or args.batch_size
@@ -153,4 +164,5 @@ def _dali_data(args, d: Dist, info, split, workers: int, num_classes: int, feed,
     d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
           f"{len(train)} steps/epoch/rank, DALI ({train.settings()['decoder']}, {workers} threads, "
           f"{train.py_workers} reader processes)/rank")
-    return Data(train, val, num_classes, feed, val_feed, augment, workers, info.identity(), val_samples)
+    return Data(train, val, num_classes, feed, val_feed, augment, workers, info.identity(), val_samples,
+                tuple(info.classes))

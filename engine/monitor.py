@@ -52,8 +52,8 @@ class Monitor:
     def train(self, step: int, **scalars) -> None:
         self._scalars("train", step, scalars)
 
-    def val(self, step: int, **scalars) -> None:
-        self._scalars("val", step, scalars)
+    def val(self, step: int, prefix: str = "val", **scalars) -> None:
+        self._scalars(prefix, step, scalars)
 
     def _scalars(self, prefix: str, step: int, scalars: dict) -> None:
         if self.tb is not None:

@@ -20,13 +20,8 @@ import torch
 from torch import nn
 
 from common.errors import CheckpointError, ConfigError
-
-DEFAULT_MODEL = "resnet50.gluon_in1k"
-ALIASES = {"gluon_resnet50_v1b": DEFAULT_MODEL}  # the reference port's --model value
-
-
-def canonical_name(name: str) -> str:
-    return ALIASES.get(name, name)
+from model.recipe import ALIASES, DEFAULT_MODEL, canonical_name  # noqa: F401  (re-exported)
+from model.registry import write_cache
 
 
 def _to_torch_device(device) -> torch.device | None:
@@ -53,6 +48,7 @@ def create_model(name: str = DEFAULT_MODEL, num_classes: int = 1000, zero_init_l
     one-line UserError.
     """
     name = canonical_name(name)
+    write_cache()  # timm is imported anyway: let later runs check --model without importing it
     for path, what in ((pretrained_path, "--pretrained-path"), (checkpoint_path, "--initial-checkpoint")):
         if path and not os.path.isfile(path):
             raise CheckpointError(f"{what} {path} does not exist")

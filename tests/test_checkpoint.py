@@ -168,7 +168,7 @@ def test_best_only_on_improvement_and_files_are_weights_only(tmp_path):
     results = [saver.save(e, model, opt, precision, schedule, {}, metric=m)
                for e, m in enumerate([50.0, 40.0, 60.0, None, float("nan")])]
     assert results == [True, False, True, False, False]
-    assert sorted(os.listdir(tmp_path)) == ["best.pth", "last.pth"]  # no temp files left
+    assert sorted(os.listdir(tmp_path)) == ["best.pth", "last.pth", "last.pth.tar", "model_best.pth.tar"]  # no temp
     best, last = (torch.load(tmp_path / n, weights_only=True) for n in ("best.pth", "last.pth"))
     assert best["epoch"] == 2 and best["metric"] == 60.0 and best["best_metric"] == 60.0
     assert last["epoch"] == 4 and last["best_metric"] == 60.0 and last["scaler"] == {}
@@ -196,7 +196,7 @@ def test_interrupted_write_keeps_previous_file(tmp_path, monkeypatch):
         saver.save(1, model, opt, precision, schedule, {}, metric=2.0)
     monkeypatch.undo()
     assert (tmp_path / "last.pth").read_bytes() == good
-    assert sorted(os.listdir(tmp_path)) == ["best.pth", "last.pth"]
+    assert sorted(os.listdir(tmp_path)) == ["best.pth", "last.pth", "last.pth.tar", "model_best.pth.tar"]
     assert load_checkpoint(str(tmp_path / "last.pth"))["epoch"] == 0
 
 

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from conftest import run_folder
 
 import train_stream
 from tools import export as export_tool
@@ -18,7 +19,7 @@ def run(demo_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     code = train_stream.main(["--data_path", str(demo_shards), "--model", "resnet10t", "--img-size", "32", "-b", "8",
                               "-j", "1", "--epochs", "2", "--warmup-epochs", "0", "--lr", "0.05",
-                              "--log-interval", "5", "--output", str(out)])
+                              "--log-interval", "5", *run_folder(out)])
     assert code == 0
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     return out, [r for r in rows if r["kind"] == "val"][-1]
