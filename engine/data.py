@@ -110,59 +110,59 @@ def make_data(args, d: Dist) -> Data:
     split = info.split("train")
     check_local_shards(split)
     workers = resolve_workers(args.workers, d.local_world)
-    common = dict(batch_size=args.batch_size, img_size=args.img_size, num_workers=workers,
-                  seed=args.seed, world_size=d.world, rank=d.rank, decoder=args.decode,
-                  crop_pct=args.crop_pct, pin_memory=dev.pin_memory(),
-                  prefetch_factor=args.prefetch_factor, persistent=args.use_multi_epochs_loader,
-                  reuse_buffers=True,  # DevicePrefetcher copies each batch before the next
-                  num_classes=num_classes, remote=remote)
-    if args.loader == "dali":
-        return _dali_data(args, d, info, split, workers, num_classes, feed, val_feed, augment)
-    train = create_loader(split, train=True, shuffle_buffer=args.shuffle_buffer,
-                          train_interpolation=args.train_interpolation,
-                          augment=RandAugment(args.aa) if args.aa else None, **common)
+    make = _dali_maker(args, d, workers, num_classes) if args.loader == "dali" else \
+        _our_maker(args, d, workers, num_classes, remote)
+    train = make(split, True, args.batch_size)
     if len(train) < 1:
         raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
                         f"({args.batch_size} x {d.world} processes); lower -b")
     val, val_samples = None, 0
-    has_val = has_validation(args, d, info)
-    if has_val and not (args.no_val or args.performance):
+    if has_validation(args, d, info) and not (args.no_val or args.performance):
         vsplit = info.split("validation")
-        check_local_shards(vsplit)
-        common["batch_size"] = args.validation_batch_size or args.batch_size
-        val = create_loader(vsplit, train=False, eval_interpolation=args.interpolation, **common)
+        val = make(vsplit, False, args.validation_batch_size or args.batch_size)
         val_samples = vsplit.num_samples
+    if args.loader == "dali":
+        how = f"DALI ({train.settings()['decoder']}, {workers} threads, {train.py_workers} reader processes)/rank"
+    else:
+        how = f"{workers} workers/rank, decode {args.decode}"
     d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
-          f"{len(train)} steps/epoch/rank, {workers} workers/rank, decode {args.decode}")
+          f"{len(train)} steps/epoch/rank, {how}")
     d.say(f"augmentation: crop {args.train_interpolation}{', ' + args.aa if args.aa else ''}"
           f"{'; on the device: ' + augment.describe() if augment else ''}")
     return Data(train, val, num_classes, feed, val_feed, augment, workers, info.identity(), val_samples,
                 tuple(info.classes))
 
 
-def _dali_data(args, d: Dist, info, split, workers: int, num_classes: int, feed, val_feed, augment) -> Data:
-    """--loader dali: DALI pipelines fed from the same epoch plan (pipeline/dali.py)."""
+def _our_maker(args, d: Dist, workers: int, num_classes: int, remote):
+    """make(split, train, batch_size) -> our StreamLoader (pipeline/loader.py)."""
+    common = dict(img_size=args.img_size, num_workers=workers, seed=args.seed, world_size=d.world,
+                  rank=d.rank, decoder=args.decode, crop_pct=args.crop_pct, pin_memory=d.device.pin_memory(),
+                  prefetch_factor=args.prefetch_factor, persistent=args.use_multi_epochs_loader,
+                  reuse_buffers=True,  # DevicePrefetcher copies each batch before the next
+                  num_classes=num_classes, remote=remote)
+
+    def make(split, train: bool, batch_size: int):
+        check_local_shards(split)
+        if train:
+            return create_loader(split, train=True, batch_size=batch_size, shuffle_buffer=args.shuffle_buffer,
+                                 train_interpolation=args.train_interpolation,
+                                 augment=RandAugment(args.aa) if args.aa else None, **common)
+        return create_loader(split, train=False, batch_size=batch_size, eval_interpolation=args.interpolation,
+                             **common)
+    return make
+
+
+def _dali_maker(args, d: Dist, workers: int, num_classes: int):
+    """make(split, train, batch_size) -> a DaliLoader (pipeline/dali.py), fed from the same plan."""
     from pipeline.dali import DaliLoader, dali_missing
     missing = dali_missing()
     if missing:
         raise ConfigError(missing)
-    common = dict(batch_size=args.batch_size, img_size=args.img_size, seed=args.seed, world_size=d.world,
-                  rank=d.rank, num_threads=workers, decode=args.decode, crop_pct=args.crop_pct,
+    common = dict(img_size=args.img_size, seed=args.seed, world_size=d.world, rank=d.rank, num_threads=workers,
+                  decode=args.decode, crop_pct=args.crop_pct, num_classes=num_classes,
                   device_id=d.device.index if args.decode == "gpu" else None, pin_memory=d.device.pin_memory())
-    common["num_classes"] = num_classes
-    train = DaliLoader(split, train=True, interpolation=args.train_interpolation, **common)
-    if len(train) < 1:
-        raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
-                        f"({args.batch_size} x {d.world} processes); lower -b")
-    val, val_samples = None, 0
-    has_val = has_validation(args, d, info)
-    if has_val and not (args.no_val or args.performance):
-        vsplit = info.split("validation")
-        common["batch_size"] = args.validation_batch_size or args.batch_size
-        val = DaliLoader(vsplit, train=False, interpolation=args.interpolation, **common)
-        val_samples = vsplit.num_samples
-    d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
-          f"{len(train)} steps/epoch/rank, DALI ({train.settings()['decoder']}, {workers} threads, "
-          f"{train.py_workers} reader processes)/rank")
-    return Data(train, val, num_classes, feed, val_feed, augment, workers, info.identity(), val_samples,
-                tuple(info.classes))
+
+    def make(split, train: bool, batch_size: int):
+        return DaliLoader(split, train=train, batch_size=batch_size,
+                          interpolation=args.train_interpolation if train else args.interpolation, **common)
+    return make

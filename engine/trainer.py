@@ -26,6 +26,7 @@ from .config import mixup_active
 from .control import Control, Preempted, parse_interval, reason
 from .data import Data
 from .dist import Dist, distribute_bn, sync_batchnorm
+from .inference import as_percent, evaluate
 from .metrics import Metrics
 from .monitor import Monitor
 from .runtime import compute_settings, precision_for
@@ -379,19 +380,14 @@ class Trainer:
         self.data.val.set_epoch(epoch)
         was_training = model.training
         model.eval()
-        n, sums = 0, torch.zeros(3, dtype=torch.float64, device=self.dev.torch)  # loss, top1, top5
-        for images, labels in self.data.val_feed(self.data.val):
-            with self.precision.autocast():
-                logits = model(images)
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-            hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-            sums += torch.stack([loss, hit[:, 0].sum(), hit.any(1).sum()]).double()
-            n += len(labels)
+        sums = evaluate(model, self.data.val_feed(self.data.val), self.precision)  # this rank's share
         model.train(was_training)
-        n, loss, top1, top5 = self.d.all_reduce([n] + sums.tolist())
+        totals = dict(zip(("n", "loss", "top1", "top5"),
+                          self.d.all_reduce([sums[k] for k in ("n", "loss", "top1", "top5")])))
+        result = as_percent(totals)
         expected = self.data.val_samples
-        result = {"n": int(n), "loss": loss / max(n, 1), "top1": 100 * top1 / max(n, 1),
-                  "top5": 100 * top5 / max(n, 1), "complete": not expected or int(n) >= expected}
+        result["complete"] = not expected or result["n"] >= expected
+        n = result["n"]
         note = "" if result["complete"] else (f"; INCOMPLETE: {expected - int(n)} of {expected} images "
                                               "missing (see the data problems line), not used for best.pth")
         self.d.say(f"epoch {epoch} validation{' (EMA)' if kind == 'val_ema' else ''}: "
