@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train a timm model (default gluon_resnet50_v1b) on ImageNet streamed from tar shards, fast.
+"""Train a timm model (default resnet50.gluon_in1k = ResNet-50 v1b) on ImageNet streamed from tar shards, fast.
 
 Runbook:
   python train_stream.py                                  # demo: makes demo data once, trains on it

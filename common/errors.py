@@ -49,6 +49,14 @@ class CheckpointError(UserError):
     """A checkpoint cannot be read or does not fit this run."""
 
 
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped at a step boundary after writing a checkpoint; rerun to resume
+
+
+class Preempted(Exception):
+    """Not an error: every rank agreed to stop at a signal and the checkpoint is written;
+    the command exits with PREEMPTED_EXIT."""
+
+
 _WORKER_MARK = "in DataLoader worker process"
 
 

@@ -41,8 +41,10 @@ def make_shards_main(argv=None) -> int:
                    help="JPEG quality of re-encoded (resized or transcoded) images (default: 95; FFCV: 90)")
     p.add_argument("--name", help="shard name prefix (default: SRC folder name)")
     p.add_argument("--verify", action="store_true", help="check shards, counts and images against _info.json")
-    p.add_argument("--overwrite", action="store_true", help="replace an output made with other settings")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output made with other settings; write into a folder holding other files")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (default: a bar on a terminal, a plain line every 30 s otherwise)")
     args = p.parse_args(argv)
     try:
         if args.verify and os.path.isfile(os.path.join(args.src, INFO)):

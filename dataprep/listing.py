@@ -55,6 +55,18 @@ def _list_split(src, folder):
     return classes, ignored, sorted(repeated)
 
 
+def _looks_like_a_split(src, probe=20):
+    """Whether SRC's subfolders hold image files directly (SRC/<class>/*.jpg): a train/ or val/."""
+    for entry in sorted(os.scandir(src), key=lambda e: e.name)[:probe]:
+        if entry.is_dir() and not _hidden(entry.name):
+            try:
+                if any(f.lower().endswith(IMG_EXTENSIONS) for f in os.listdir(entry.path)):
+                    return True
+            except OSError:
+                continue
+    return os.path.basename(os.path.abspath(src).rstrip(os.sep)) in ("train", "val", "validation")
+
+
 def list_source(src):
     """What SRC holds: class names and, per split, its files, ignored count and empty classes.
 
@@ -65,7 +77,11 @@ def list_source(src):
                          else f"source {src} is not a folder")
     found = [(folder, split) for folder, split in SPLITS if os.path.isdir(os.path.join(src, folder))]
     if not found:
-        raise ShardError(f"{src} has neither a train/ nor a val/ folder")
+        hint = ""
+        if _looks_like_a_split(src):
+            parent = os.path.dirname(os.path.abspath(src).rstrip(os.sep))
+            hint = f"; it looks like a split folder itself (class folders of images): pass its parent {parent}"
+        raise ShardError(f"{src} has neither a train/ nor a val/ folder{hint}")
     listed = {split: _list_split(src, folder) for folder, split in found}
     classes = sorted(listed["train"][0] if "train" in listed else listed["validation"][0])
     if "train" in listed and "validation" in listed:

@@ -75,10 +75,19 @@ def _settings_change(old, new):
 
 
 def prepare(out, settings, overwrite):
-    """Check what out already holds. Returns the _info.json when it is complete and up to date."""
+    """Check what out already holds. Returns the _info.json when it is complete and up to date.
+
+    A non-empty folder that holds nothing this tool made is refused unless `overwrite` (then
+    its files are left alone and the shards are written beside them).
+    """
     info, state = read_json(os.path.join(out, INFO)), read_json(os.path.join(out, STATE))
     names = {settings["name"]} | {d.get("name") for d in (info, state) if d and isinstance(d.get("name"), str)}
     own = list(own_files(out, names))
+    foreign = sorted(set(os.listdir(out)) - set(own))
+    if foreign and not own and not overwrite:
+        raise ShardError(f"{out} is not empty and make_shards did not make what it holds ({len(foreign)} "
+                         f"entries, e.g. {foreign[0]!r}); choose an empty --out, or pass --overwrite to "
+                         "write the shards beside them")
     if overwrite:
         for entry in own:
             remove(os.path.join(out, entry))

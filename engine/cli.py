@@ -1,4 +1,5 @@
-"""`train_stream` entry point: parse, set up, run, and turn user errors into one line."""
+"""`train_stream` entry point: parse and check the flags before anything slow loads, set up, run,
+and turn user errors into one line."""
 from __future__ import annotations
 
 import json
@@ -6,20 +7,21 @@ import logging
 import os
 import sys
 
-from common.errors import DataLoadingError, UserError, user_message
-from pipeline.loader import worker_failure
+from common.errors import PREEMPTED_EXIT, DataLoadingError, Preempted, UserError, user_message
 
 from .config import parse_args
-from .control import PREEMPTED_EXIT, Preempted
-from .data import make_data
-from .dist import peer_failure, setup_distributed, shutdown
-from .runtime import configure_torch
-from .trainer import Trainer
 
 
 def run(args) -> dict:
     """Train (or, with --performance, measure) as the flags say; returns the summary or result."""
+    from .data import make_data  # torch, timm and the loaders load only now: a bad flag is refused at once
+    from .dist import setup_distributed
+    from .runtime import configure_torch
+    from .trainer import Trainer
+
     d = setup_distributed(args.device, args.device_id, args.local_rank)
+    for note in args.notes:  # where the run goes, auto-resume, warnings about the flags
+        d.say(note)
     configure_torch()
     trainer = Trainer(args, d, make_data(args, d))
     if args.performance:
@@ -40,6 +42,9 @@ def main(argv=None) -> int:
         print(f"train_stream: error: {prefix}{user_message(e)}", file=sys.stderr, flush=True)
         return e.exit_code
     except RuntimeError as e:  # a loader worker or another rank died: not a bug here, one line
+        from pipeline.loader import worker_failure
+
+        from .dist import peer_failure
         reason = worker_failure(e) or peer_failure(e)
         if reason is None:
             raise
@@ -56,4 +61,6 @@ def main(argv=None) -> int:
         print("train_stream: interrupted", file=sys.stderr, flush=True)
         return 130
     finally:
-        shutdown()
+        if "torch.distributed" in sys.modules:
+            from .dist import shutdown
+            shutdown()

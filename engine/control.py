@@ -18,9 +18,11 @@ import time
 import torch
 import torch.distributed as dist
 
+from common.errors import PREEMPTED_EXIT, Preempted  # noqa: F401  (re-exported)
+
+from .config import parse_interval  # noqa: F401  (re-exported)
 from .dist import Dist
 
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped at a step boundary after writing a checkpoint; rerun to resume
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 LAUNCHER_GONE = 255  # the stop "signal" of a rank whose torchrun died
 STOP, SAVE = 0, 1  # slots of the flags tensor
@@ -33,31 +35,6 @@ def reason(code: int) -> str:
         return f"got {signal.Signals(code).name}"
     except ValueError:
         return f"got signal {code}"
-
-
-class Preempted(Exception):
-    """Raised on every rank once they agreed to stop; engine.cli exits with PREEMPTED_EXIT."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-
-
-def parse_interval(text: str | None):
-    """'500' -> ('steps', 500); '10m' / '90s' / '2h' -> ('seconds', ...); None -> None."""
-    if text is None:
-        return None
-    text = str(text).strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600}
-    try:
-        if text[-1:] in units:
-            value = float(text[:-1]) * units[text[-1]]
-            if value > 0:
-                return "seconds", value
-        elif int(text) > 0:
-            return "steps", int(text)
-    except ValueError:
-        pass
-    raise ValueError(f"--checkpoint-interval {text!r}: give steps (500) or a time (10m, 90s, 2h)")
 
 
 class Control:

@@ -30,6 +30,7 @@ class Data:
     workers: int | None = None  # loader workers per process (None: synthetic data)
     identity: dict | None = None  # the data set's name, fingerprint and size (checkpoints record it)
     val_samples: int = 0  # validation images _info.json lists: fewer seen = an incomplete validation
+    classes: tuple = ()  # class names in index order (_info.json), recorded in checkpoints
 
 
 def prepare_demo(args, d: Dist) -> None:
@@ -74,6 +75,15 @@ def make_augment(args, d: Dist, num_classes: int) -> DeviceAugment | None:
     return augment if augment.active else None
 
 
+def has_validation(args, d: Dist, info) -> bool:
+    """Whether the shards have a validation split; says so when they have none."""
+    found = any(name in info.splits for name in ("validation", "val", "valid"))
+    if not found and not (args.no_val or args.performance):
+        d.say(f"warning: {args.data_path} has no validation split: no validation and no best.pth "
+              "(make_shards writes one from SRC/val/)")
+    return found
+
+
 def make_data(args, d: Dist) -> Data:
     dev = d.device
     if args.decode == "gpu" and dev.type != "cuda":
@@ -102,63 +112,74 @@ def make_data(args, d: Dist) -> Data:
     split = info.split("train")
     check_local_shards(split)
     workers = resolve_workers(args.workers, d.local_world)
-    common = dict(batch_size=args.batch_size, img_size=args.img_size, num_workers=workers,
-                  seed=args.seed, world_size=d.world, rank=d.rank, decoder=args.decode,
-                  crop_pct=args.crop_pct, pin_memory=dev.pin_memory(),
-                  prefetch_factor=args.prefetch_factor, persistent=args.use_multi_epochs_loader,
-                  reuse_buffers=True,  # DevicePrefetcher copies each batch before the next
-                  num_classes=num_classes, remote=remote)
-    if args.loader == "dali":
-        return _dali_data(args, d, info, split, workers, num_classes, feed, val_feed, augment)
-    train = create_loader(split, train=True, shuffle_buffer=args.shuffle_buffer,
-                          train_interpolation=args.train_interpolation,
-                          augment=RandAugment(args.aa) if args.aa else None,
-                          **{**common, "img_size": resolution.min_res}, largest_img_size=resolution.largest)
+    make = _dali_maker(args, d, workers, num_classes) if args.loader == "dali" else \
+        _our_maker(args, d, workers, num_classes, remote, resolution)
+    train = make(split, True, args.batch_size)
     if len(train) < 1:
         raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
                         f"({args.batch_size} x {d.world} processes); lower -b")
     val, val_samples = None, 0
-    has_val = any(name in info.splits for name in ("validation", "val", "valid"))
-    if has_val and not (args.no_val or args.performance):
+    if has_validation(args, d, info) and not (args.no_val or args.performance):
         vsplit = info.split("validation")
-        check_local_shards(vsplit)
-        common["batch_size"] = args.validation_batch_size or args.batch_size
-        common["img_size"] = args.val_res or args.img_size  # FFCV's validation.resolution
-        common["crop_pct"] = args.val_crop_pct or args.crop_pct
-        val = create_loader(vsplit, train=False, eval_interpolation=args.interpolation, **common)
+        val = make(vsplit, False, args.validation_batch_size or args.batch_size)
         val_samples = vsplit.num_samples
+    if args.loader == "dali":
+        how = f"DALI ({train.settings()['decoder']}, {workers} threads, {train.py_workers} reader processes)/rank"
+    else:
+        how = f"{workers} workers/rank, decode {args.decode}"
     d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
-          f"{len(train)} steps/epoch/rank, {workers} workers/rank, decode {args.decode}")
+          f"{len(train)} steps/epoch/rank, {how}")
     if val is not None:
-        d.say(f"validation: {args.val_res or args.img_size} px, centre crop {args.val_crop_pct or args.crop_pct:g}, "
+        d.say(f"validation: {_val_size(args)} px, centre crop {_val_crop(args):g}, "
               f"{args.interpolation}{', flip TTA' if args.val_tta == 'flip' else ''}")
     d.say(f"augmentation: crop {args.train_interpolation}{', ' + args.aa if args.aa else ''}"
           f"{'; on the device: ' + augment.describe() if augment else ''}")
-    return Data(train, val, num_classes, feed, val_feed, augment, workers, info.identity(), val_samples)
+    return Data(train, val, num_classes, feed, val_feed, augment, workers, info.identity(), val_samples,
+                tuple(info.classes))
 
 
-def _dali_data(args, d: Dist, info, split, workers: int, num_classes: int, feed, val_feed, augment) -> Data:
-    """--loader dali: DALI pipelines fed from the same epoch plan (pipeline/dali.py)."""
+def _val_size(args) -> int:
+    return args.val_res or args.img_size  # FFCV's validation.resolution
+
+
+def _val_crop(args) -> float:
+    return args.val_crop_pct or args.crop_pct
+
+
+def _our_maker(args, d: Dist, workers: int, num_classes: int, remote, resolution: ResolutionSchedule):
+    """make(split, train, batch_size) -> our StreamLoader (pipeline/loader.py); training starts at
+    --min-res with buffers for the largest size, validation at --val-res."""
+    common = dict(num_workers=workers, seed=args.seed, world_size=d.world,
+                  rank=d.rank, decoder=args.decode, pin_memory=d.device.pin_memory(),
+                  prefetch_factor=args.prefetch_factor, persistent=args.use_multi_epochs_loader,
+                  reuse_buffers=True,  # DevicePrefetcher copies each batch before the next
+                  num_classes=num_classes, remote=remote)
+
+    def make(split, train: bool, batch_size: int):
+        check_local_shards(split)
+        if train:
+            return create_loader(split, train=True, batch_size=batch_size, shuffle_buffer=args.shuffle_buffer,
+                                 train_interpolation=args.train_interpolation,
+                                 augment=RandAugment(args.aa) if args.aa else None, img_size=resolution.min_res,
+                                 largest_img_size=resolution.largest, crop_pct=args.crop_pct, **common)
+        return create_loader(split, train=False, batch_size=batch_size, eval_interpolation=args.interpolation,
+                             img_size=_val_size(args), crop_pct=_val_crop(args), **common)
+    return make
+
+
+def _dali_maker(args, d: Dist, workers: int, num_classes: int):
+    """make(split, train, batch_size) -> a DaliLoader (pipeline/dali.py), fed from the same plan."""
     from pipeline.dali import DaliLoader, dali_missing
     missing = dali_missing()
     if missing:
         raise ConfigError(missing)
-    common = dict(batch_size=args.batch_size, img_size=args.img_size, seed=args.seed, world_size=d.world,
-                  rank=d.rank, num_threads=workers, decode=args.decode, crop_pct=args.crop_pct,
+    common = dict(seed=args.seed, world_size=d.world, rank=d.rank, num_threads=workers,
+                  decode=args.decode, num_classes=num_classes,
                   device_id=d.device.index if args.decode == "gpu" else None, pin_memory=d.device.pin_memory())
-    common["num_classes"] = num_classes
-    train = DaliLoader(split, train=True, interpolation=args.train_interpolation, **common)
-    if len(train) < 1:
-        raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
-                        f"({args.batch_size} x {d.world} processes); lower -b")
-    val, val_samples = None, 0
-    has_val = any(name in info.splits for name in ("validation", "val", "valid"))
-    if has_val and not (args.no_val or args.performance):
-        vsplit = info.split("validation")
-        common["batch_size"] = args.validation_batch_size or args.batch_size
-        val = DaliLoader(vsplit, train=False, interpolation=args.interpolation, **common)
-        val_samples = vsplit.num_samples
-    d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
-          f"{len(train)} steps/epoch/rank, DALI ({train.settings()['decoder']}, {workers} threads, "
-          f"{train.py_workers} reader processes)/rank")
-    return Data(train, val, num_classes, feed, val_feed, augment, workers, info.identity(), val_samples)
+
+    def make(split, train: bool, batch_size: int):  # no progressive resizing (refused in engine.config)
+        return DaliLoader(split, train=train, batch_size=batch_size,
+                          interpolation=args.train_interpolation if train else args.interpolation,
+                          img_size=args.img_size if train else _val_size(args),
+                          crop_pct=args.crop_pct if train else _val_crop(args), **common)
+    return make

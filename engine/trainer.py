@@ -27,7 +27,9 @@ from .config import mixup_active
 from .control import Control, Preempted, parse_interval, reason
 from .data import Data
 from .dist import Dist, distribute_bn, sync_batchnorm
+from .inference import as_percent, evaluate
 from .metrics import Metrics
+from .monitor import Monitor
 from .runtime import compute_settings, precision_for
 
 
@@ -86,7 +88,10 @@ class Trainer:
             self.start_epoch, self.start_step, self.start_progress = self._resume_position(state["position"])
             pos = state["position"]
             resume_at = (self.start_epoch, pos.get("global_step", self.start_epoch * self.steps_per_epoch))
-        self.saver = CheckpointSaver(args.output, self.dev, best) if args.output and d.main else None
+        self.run_dir = args.run_dir if d.main else None  # rank 0 writes; see engine/rundir.py
+        extra = {"num_classes": data.num_classes, "classes": list(data.classes)}
+        self.saver = CheckpointSaver(self.run_dir, self.dev, best, hist=args.checkpoint_hist,
+                                     extra=extra) if self.run_dir else None
         if self.saver and self.saver.removed:
             d.say(f"checkpoint: removed {self.saver.removed} temporary file(s) of interrupted checkpoint writes")
         self.control = None  # made by fit()
@@ -111,8 +116,12 @@ class Trainer:
             params = model_parameters(self.plain, exclude_head=args.clip_mode == "agc")  # timm's head rule
             self.clip_params = self.precision.master_params(self.optimizer, self.plain) \
                 if self.precision.mode == "apex" else list(params)
-        self.metrics = Metrics(args.output, d.main, append=bool(self.resume_path), resume_at=resume_at)
+        self.metrics = Metrics(self.run_dir, d.main, append=bool(self.resume_path), resume_at=resume_at)
         self._record_config()
+        self.monitor = Monitor(self.run_dir, d.main, plain_config(args), tensorboard=args.tensorboard,
+                               wandb=args.log_wandb, project=args.wandb_project, resume=bool(self.resume_path))
+        self.totals = {"images": 0, "seconds": 0.0, "wait": 0.0, "loss": []}  # for the run summary
+        self.history = []  # (epoch, kind, result) of every complete validation of this run
         d.say(f"model {args.model} ({sum(p.numel() for p in self.plain.parameters()):,} params), "
               f"{'channels-last' if args.channels_last else 'NCHW'}, "
               f"{'compiled (' + args.torchcompile + ')' if args.torchcompile else 'eager'}"
@@ -129,13 +138,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _resume_path(self) -> str | None:
-        args = self.args
-        if args.auto_resume:
-            last = os.path.join(args.output, "last.pth")
-            if os.path.isfile(last):
-                self.d.say(f"auto-resume: continuing from {last}")
-                return last
-        return args.resume
+        return self.args.resume  # --auto-resume was resolved with the run folder (engine/rundir.py)
 
     def _workers(self) -> int:
         return getattr(self.data.train, "num_workers", 0)
@@ -181,13 +184,16 @@ class Trainer:
         return epoch, step, progress[d.rank] if step < self.steps_per_epoch else None
 
     def _record_config(self) -> None:
-        args = self.args
-        if args.output and self.d.main:
-            os.makedirs(args.output, exist_ok=True)
-            with open(os.path.join(args.output, "config.json"), "w") as f:
-                json.dump(vars(args), f, indent=2, default=str)
-        self.metrics.write(kind="config", time=time.time(), **{k: v for k, v in vars(args).items()
-                                             if isinstance(v, (int, float, str, bool, type(None)))})
+        """config.json and timm's args.yaml (loadable with -c) in the run folder, and a config row."""
+        config = plain_config(self.args)
+        if self.run_dir:
+            import yaml
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+                json.dump(config, f, indent=2)
+            with open(os.path.join(self.run_dir, "args.yaml"), "w") as f:
+                yaml.safe_dump({k: v for k, v in config.items() if k not in NOT_FLAGS}, f, sort_keys=False)
+        self.metrics.write(kind="config", time=time.time(), **config)  # the start, for time_to_accuracy
 
     # ------------------------------------------------------------------ one step
     def step(self, images, labels, global_step: int) -> torch.Tensor:
@@ -217,7 +223,7 @@ class Trainer:
             return {"epochs_done": 0, "last": None, "best_top1": self.saver.best_metric if self.saver else None,
                     "finished_before": True}
         stop = epochs if args.stop_after is None else min(epochs, self.start_epoch + args.stop_after)
-        result = None
+        result, fit_start = None, time.perf_counter()
         self.control = Control(d, parse_interval(args.checkpoint_interval))
         self.control.install()
         try:
@@ -238,13 +244,51 @@ class Trainer:
                 self.metrics.write(kind="epoch", epoch=epoch, steps_min=int(fewest), steps_max=int(most), **stats)
                 if validated:
                     self.save(epoch, result)
+                losses = self.totals["loss"]
+                self.monitor.epoch(epoch, sum(losses) / len(losses) if losses else None,
+                                   result if validated else None, self.schedule.last_lr)
+                self.totals["loss"] = []
                 code = self.control.sync()  # a signal during validation or the save
                 if code:
                     self._stop(code, epoch + 1, 0)
         finally:
             self.control.uninstall()
-        best = self.saver.best_metric if self.saver else None
-        return {"epochs_done": stop - self.start_epoch, "last": result, "best_top1": best}
+            self.monitor.close()
+        return self.summary(stop, time.perf_counter() - fit_start)
+
+    def _count(self, steps: int, seconds: float, wait: float, loss: float) -> None:
+        t = self.totals
+        t["images"] += steps * self.args.batch_size * self.d.world
+        t["seconds"] += seconds
+        t["wait"] += wait
+        t["loss"].append(loss)
+
+    def summary(self, stop: int, seconds: float) -> dict:
+        """The end of a run in a few lines (rank 0) and a `summary` row in metrics.jsonl; returned."""
+        best = max((h for h in self.history), key=lambda h: h[2]["top1"], default=None)
+        t = self.totals
+        out = {"epochs_done": stop - self.start_epoch, "epochs": stop, "seconds": round(seconds, 1),
+               "img_per_s": round(t["images"] / t["seconds"], 1) if t["seconds"] else None,
+               "data_wait": round(t["wait"] / t["seconds"], 4) if t["seconds"] else None,
+               "best_epoch": best[0] if best else None, "best_top1": best[2]["top1"] if best else None,
+               "best_top5": best[2]["top5"] if best else None, "best_is_ema": bool(best and best[1] == "val_ema"),
+               "run_dir": self.args.run_dir}
+        self.metrics.write(kind="summary", **out)
+        d = self.d
+        d.say(f"done: {out['epochs_done']} epochs in {seconds / 60:.1f} min, "
+              f"{out['img_per_s'] or 0:,.0f} img/s, data wait {out['data_wait'] or 0:.1%}")
+        if best:
+            d.say(f"best: top-1 {best[2]['top1']:.2f}%  top-5 {best[2]['top5']:.2f}% at epoch {best[0]}"
+                  f"{' (EMA weights)' if out['best_is_ema'] else ''}")
+        if self.args.run_dir:
+            run = self.args.run_dir
+            files = [f for f in ("best.pth", "last.pth", "metrics.jsonl", "summary.csv", "tensorboard")
+                     if os.path.exists(os.path.join(run, f))]
+            d.say(f"files: {run}/ ({', '.join(files)})")
+            d.say(f"plot: python tools/plot_metrics.py {run}"
+                  + (f"   live: tensorboard --logdir {os.path.join(run, 'tensorboard')}"
+                     if "tensorboard" in files else ""))
+        return out
 
     def _stop(self, code: int, epoch: int, step: int) -> None:
         where = f"epoch {epoch} step {step}/{self.steps_per_epoch}" if step else f"the start of epoch {epoch}"
@@ -333,6 +377,9 @@ class Trainer:
                 self.metrics.write(kind="train", epoch=epoch, step=global_step + 1, loss=loss,
                                    lr=self.schedule.last_lr, img_per_s=img_s, data_wait=wait / elapsed,
                                    time=time.time(), img_size=int(size))
+                self.monitor.train(global_step + 1, loss=loss, lr=self.schedule.last_lr, img_per_s=img_s,
+                                   data_wait=wait / elapsed)
+                self._count(n_window, elapsed, wait, loss)
                 loss_sum.zero_()
                 window_start, wait, n_window = time.perf_counter(), 0.0, 0
             if halt or save_now or (control.steps_due(global_step + 1) and i + 1 < steps):
@@ -351,31 +398,27 @@ class Trainer:
         self.data.val.set_epoch(epoch)
         was_training = model.training
         model.eval()
-        n, sums = 0, torch.zeros(3, dtype=torch.float64, device=self.dev.torch)  # loss, top1, top5
-        for images, labels in self.data.val_feed(self.data.val):
-            with self.precision.autocast():
-                logits = model(images)
-                if self.args.val_tta == "flip":  # FFCV's lr_tta: the logits of both, summed
-                    logits = logits + model(images.flip(3))
-            # the loss on the mean of the two (FFCV's is on their sum): comparable with no TTA
-            tta = 2 if self.args.val_tta == "flip" else 1
-            loss = torch.nn.functional.cross_entropy(logits.float() / tta, labels, reduction="sum")
-            hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-            sums += torch.stack([loss, hit[:, 0].sum(), hit.any(1).sum()]).double()
-            n += len(labels)
+        # this rank's share
+        sums = evaluate(model, self.data.val_feed(self.data.val), self.precision, self.args.val_tta)
         model.train(was_training)
-        n, loss, top1, top5 = self.d.all_reduce([n] + sums.tolist())
+        totals = dict(zip(("n", "loss", "top1", "top5"),
+                          self.d.all_reduce([sums[k] for k in ("n", "loss", "top1", "top5")])))
+        result = as_percent(totals)
         expected = self.data.val_samples
-        result = {"n": int(n), "loss": loss / max(n, 1), "top1": 100 * top1 / max(n, 1),
-                  "top5": 100 * top5 / max(n, 1), "complete": not expected or int(n) >= expected}
+        result["complete"] = not expected or result["n"] >= expected
+        n = result["n"]
         note = "" if result["complete"] else (f"; INCOMPLETE: {expected - int(n)} of {expected} images "
                                               "missing (see the data problems line), not used for best.pth")
         self.d.say(f"epoch {epoch} validation{' (EMA)' if kind == 'val_ema' else ''}: "
                    f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
                    f"loss {result['loss']:.4f}  ({result['n']} images{note})")
-        self.metrics.write(kind=kind, epoch=epoch, step=(epoch + 1) * self.steps_per_epoch,
+        step = (epoch + 1) * self.steps_per_epoch
+        self.metrics.write(kind=kind, epoch=epoch, step=step,
                            top1=result["top1"], top5=result["top5"], loss=result["loss"], n=result["n"],
                            complete=result["complete"], time=time.time())
+        self.monitor.val(step, prefix=kind, top1=result["top1"], top5=result["top5"], loss=result["loss"])
+        if result["complete"]:
+            self.history.append((epoch, kind, result))
         return result
 
     def data_stats(self) -> dict:
@@ -454,6 +497,21 @@ class Trainer:
             "torch": torch.__version__, "num_classes": self.data.num_classes, "workers": self.data.workers,
             "settings": compute_settings(self.dev, self.precision, args.channels_last),
         }
+
+
+NOT_FLAGS = ("notes", "run_dir")  # set by parse_args, not by the user
+
+
+def plain_config(args) -> dict:
+    """The run's flags as plain values (YAML/JSON-safe)."""
+    out = {}
+    for k, v in vars(args).items():
+        if isinstance(v, (list, tuple)):
+            v = [x if isinstance(x, (int, float, str, bool, type(None))) else str(x) for x in v]
+        elif not isinstance(v, (int, float, str, bool, type(None))):
+            v = str(v)
+        out[k] = v
+    return out
 
 
 def seed_everything(seed: int) -> None:

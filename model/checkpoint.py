@@ -172,16 +172,75 @@ def _load_optimizer(optimizer, state: dict) -> None:
             group["lr"] = value
 
 
-class CheckpointSaver:
-    """Writes `last.pth` every epoch and `best.pth` when the metric improves (rank 0 only)."""
+HISTORY_INDEX = "checkpoints.json"  # the kept history: [[file, metric, epoch], ...], best first
+TIMM_NAMES = {"last.pth.tar": "last.pth", "model_best.pth.tar": "best.pth"}  # links for timm's tools
 
-    def __init__(self, output_dir: str, device: Device | None = None, best_metric: float | None = None):
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """dst holds src's bytes: a hard link (the next atomic save of src replaces src, not dst)."""
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    try:
+        os.link(src, tmp)
+    except OSError:  # a file system without hard links
+        import shutil
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class CheckpointSaver:
+    """Writes `last.pth` every epoch and `best.pth` when the metric improves (rank 0 only).
+
+    With `hist` N, the N best epochs (by metric; epochs without one rank last, newest first) are
+    kept as timm's `checkpoint-EPOCH.pth.tar`, listed best first in checkpoints.json. timm's names
+    `last.pth.tar` and `model_best.pth.tar` are symbolic links to last.pth and best.pth. `extra`
+    goes into every file (the class count and names, for tools that load a checkpoint).
+    """
+
+    def __init__(self, output_dir: str, device: Device | None = None, best_metric: float | None = None,
+                 hist: int = 0, extra: dict | None = None):
         self.output_dir = output_dir
         self.device = device  # whose accelerator RNG goes into the checkpoint
         self.best_metric = best_metric  # pass resume()'s best_metric when resuming
+        self.hist, self.extra = hist, _plain(extra or {})
         self.last_path = os.path.join(output_dir, "last.pth")
         self.best_path = os.path.join(output_dir, "best.pth")
         self.removed = remove_stale_temporaries(output_dir) if os.path.isdir(output_dir) else 0
+        self.history = self._read_history()
+
+    def _read_history(self) -> list:
+        import json
+        try:
+            with open(os.path.join(self.output_dir, HISTORY_INDEX)) as f:
+                rows = json.load(f)
+            return [r for r in rows if os.path.isfile(os.path.join(self.output_dir, r[0]))]
+        except (OSError, ValueError, TypeError, IndexError):
+            return []
+
+    def _add_history(self, epoch: int, metric: float | None) -> None:
+        import json
+        name = f"checkpoint-{epoch}.pth.tar"
+        _link_or_copy(self.last_path, os.path.join(self.output_dir, name))
+        rows = [r for r in self.history if r[0] != name] + [[name, metric, epoch]]
+        rows.sort(key=lambda r: (r[1] is not None, r[1] if r[1] is not None else 0.0, r[2]), reverse=True)
+        for old in rows[self.hist:]:
+            try:
+                os.remove(os.path.join(self.output_dir, old[0]))
+            except FileNotFoundError:
+                pass
+        self.history = rows[:self.hist]
+        tmp = os.path.join(self.output_dir, f".{HISTORY_INDEX}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.history, f)
+        os.replace(tmp, os.path.join(self.output_dir, HISTORY_INDEX))
+
+    def _timm_links(self) -> None:
+        for link, target in TIMM_NAMES.items():
+            path = os.path.join(self.output_dir, link)
+            if os.path.exists(os.path.join(self.output_dir, target)) and not os.path.lexists(path):
+                try:
+                    os.symlink(target, path)
+                except OSError:  # no symbolic links here: the .pth names are the files
+                    pass
 
     def _improves(self, metric: float | None, higher_is_better: bool) -> bool:
         if metric is None or math.isnan(metric):
@@ -213,9 +272,14 @@ class CheckpointSaver:
             state["state_dict_ema"] = unwrap_model(ema).state_dict()
         if position is not None:
             state["position"] = _plain(position)
+        state.update(self.extra)
         save_checkpoint(self.last_path, state)
         if is_best:
             save_checkpoint(self.best_path, state)
+        mid_epoch = position is not None and position.get("step", 0) > 0
+        if self.hist and not mid_epoch:
+            self._add_history(epoch, None if metric is None else float(metric))
+        self._timm_links()
         return is_best
 
 

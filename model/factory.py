@@ -1,7 +1,8 @@
 """The model: any timm architecture, on its device in channels-last layout.
 
-`gluon_resnet50_v1b` (the default) is timm's deprecated alias of `resnet50.gluon_in1k`: a
-ResNet-50 whose stride-2 downsampling sits in the 3x3 conv, 25,557,032 parameters.
+The default `resnet50.gluon_in1k` is ResNet-50 v1b (the stride-2 downsampling sits in the 3x3
+conv), 25,557,032 parameters. The reference port calls it `gluon_resnet50_v1b`, timm's old name:
+it is accepted as an alias, without timm's "deprecated model name" warning.
 
 Randomly initialised by default. For fine-tuning, with timm's flags and meanings:
 `pretrained` loads timm's weights for the name (downloaded from the Hugging Face hub or found in
@@ -24,8 +25,8 @@ from torch import nn
 
 from common.errors import CheckpointError, ConfigError
 from model.blurpool import apply_blurpool
-
-DEFAULT_MODEL = "gluon_resnet50_v1b"
+from model.recipe import ALIASES, DEFAULT_MODEL, canonical_name  # noqa: F401  (re-exported)
+from model.registry import write_cache
 
 
 def _to_torch_device(device) -> torch.device | None:
@@ -51,6 +52,8 @@ def create_model(name: str = DEFAULT_MODEL, num_classes: int = 1000, zero_init_l
     Unknown names, weights that cannot be obtained and checkpoints that do not fit raise a
     one-line UserError.
     """
+    name = canonical_name(name)
+    write_cache()  # timm is imported anyway: let later runs check --model without importing it
     for path, what in ((pretrained_path, "--pretrained-path"), (checkpoint_path, "--initial-checkpoint")):
         if path and not os.path.isfile(path):
             raise CheckpointError(f"{what} {path} does not exist")

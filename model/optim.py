@@ -25,8 +25,7 @@ from torch import nn
 
 from common.errors import OptimizerError
 from model.device import Device
-
-OPTIMIZERS = {"sgd": True, "nesterov": True, "momentum": False}  # --opt name -> Nesterov
+from model.recipe import OPTIMIZERS  # noqa: F401  (re-exported)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

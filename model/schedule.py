@@ -36,25 +36,19 @@ import numpy as np
 import torch
 
 from common.errors import ConfigError
-
-SCHEDULES = ("cosine", "step", "linear-step")
-
-# The reference run's values: the Ascend port (ModelZoo-PyTorch @ 6a2804a3,
-# PyTorch/built-in/cv/classification/Gluon_ResNet50_v1b_for_PyTorch), train.py @ 86c6aebb defaults
-# (line) and its test/train_full_{1p,8p}.sh flags. timm 1.0's train.py defaults differ (warmup 5
-# epochs from 1e-5, min_lr 0, --lr-base 0.1).
-DEFAULT_BASE_LR_PER_256 = 0.2  # train_full_1p.sh --lr 0.2 at batch 256; train_full_8p.sh --lr 1.6 at 8 x 256
-DEFAULT_BASE_SIZE = 256  # timm's --lr-base-size
-DEFAULT_WARMUP_EPOCHS = 3  # train.py l.180
-DEFAULT_WARMUP_LR = 1e-4  # train.py l.168
-DEFAULT_MIN_LR = 1e-5  # train.py l.170
-DEFAULT_DECAY_EPOCHS = 30  # train.py l.178 (step schedule only)
-DEFAULT_DECAY_RATE = 0.1  # train.py l.186
-DEFAULT_COOLDOWN_EPOCHS = 0  # train_full_{1p,8p}.sh --cooldown-epochs 0 (train.py l.182 default: 10)
-# linear-step only: ffcv-imagenet train_imagenet.py @ 606c584 l.60, lr.lr_peak_epoch default (its
-# rn50 configs do not set it); the triangle starts at 1e-4 x lr (l.112).
-DEFAULT_LR_PEAK_EPOCH = 2
-LINEAR_STEP_START = 1e-4
+from model.recipe import (  # noqa: F401  (re-exported: the schedule's defaults live with the recipe)
+    DEFAULT_BASE_LR_PER_256,
+    DEFAULT_BASE_SIZE,
+    DEFAULT_COOLDOWN_EPOCHS,
+    DEFAULT_DECAY_EPOCHS,
+    DEFAULT_DECAY_RATE,
+    DEFAULT_LR_PEAK_EPOCH,
+    DEFAULT_MIN_LR,
+    DEFAULT_WARMUP_EPOCHS,
+    DEFAULT_WARMUP_LR,
+    LINEAR_STEP_START,
+    SCHEDULES,
+)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +69,19 @@ def torchrun(args, nproc=2, timeout=240):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def run_folder(folder) -> list[str]:
+    """train_stream flags that make FOLDER the run folder itself (its parent as --output, its name
+    as --experiment), so that a test knows where the files are."""
+    folder = Path(folder)
+    return ["--output", str(folder.parent), "--experiment", folder.name]
+
+
+@pytest.fixture(autouse=True)
+def _default_runs_stay_out_of_the_clone(tmp_path, monkeypatch):
+    """A training run without --output writes to ./output: each test runs in its own folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 def read_metrics(folder):
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -78,4 +92,4 @@ def ddp_reference(demo_shards, tmp_path_factory):
     """Two epochs on 2 gloo processes, uninterrupted: (args without --output, output folder, result)."""
     out = tmp_path_factory.mktemp("runs") / "straight"
     args = ["--data_path", str(demo_shards), *SMALL, "--epochs", "2"]
-    return args, out, torchrun([*args, "--output", str(out)])
+    return args, out, torchrun([*args, *run_folder(out)])

@@ -21,14 +21,12 @@ from model.checkpoint import (
     unwrap_model,
 )
 from model.device import Device
-from model.factory import create_model
+from model.factory import DEFAULT_MODEL, create_model
 from model.optim import create_optimizer
 from model.precision import Precision
 from model.schedule import LRSchedule, ScheduleConfig
 
 CPU = Device("cpu")
-# timm warns that gluon_resnet50_v1b is the old name of resnet50.gluon_in1k
-pytestmark = pytest.mark.filterwarnings("ignore:Mapping deprecated model name")
 
 
 class FakeDDP(nn.Module):
@@ -42,8 +40,13 @@ class FakeDDP(nn.Module):
         return self.module(x)
 
 
+@pytest.mark.filterwarnings("error:Mapping deprecated model name")  # the alias must not warn
 def test_factory_gluon_resnet50_v1b():
-    model = create_model("gluon_resnet50_v1b")
+    assert DEFAULT_MODEL == "resnet50.gluon_in1k"
+    alias = create_model("gluon_resnet50_v1b")  # the reference port's name
+    model = create_model()
+    assert [(k, v.shape) for k, v in alias.state_dict().items()] == [
+        (k, v.shape) for k, v in model.state_dict().items()]
     assert sum(p.numel() for p in model.parameters()) == 25_557_032
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     # v1b: the stride-2 downsampling sits in the 3x3 conv of the bottleneck
@@ -165,7 +168,7 @@ def test_best_only_on_improvement_and_files_are_weights_only(tmp_path):
     results = [saver.save(e, model, opt, precision, schedule, {}, metric=m)
                for e, m in enumerate([50.0, 40.0, 60.0, None, float("nan")])]
     assert results == [True, False, True, False, False]
-    assert sorted(os.listdir(tmp_path)) == ["best.pth", "last.pth"]  # no temp files left
+    assert sorted(os.listdir(tmp_path)) == ["best.pth", "last.pth", "last.pth.tar", "model_best.pth.tar"]  # no temp
     best, last = (torch.load(tmp_path / n, weights_only=True) for n in ("best.pth", "last.pth"))
     assert best["epoch"] == 2 and best["metric"] == 60.0 and best["best_metric"] == 60.0
     assert last["epoch"] == 4 and last["best_metric"] == 60.0 and last["scaler"] == {}
@@ -193,7 +196,7 @@ def test_interrupted_write_keeps_previous_file(tmp_path, monkeypatch):
         saver.save(1, model, opt, precision, schedule, {}, metric=2.0)
     monkeypatch.undo()
     assert (tmp_path / "last.pth").read_bytes() == good
-    assert sorted(os.listdir(tmp_path)) == ["best.pth", "last.pth"]
+    assert sorted(os.listdir(tmp_path)) == ["best.pth", "last.pth", "last.pth.tar", "model_best.pth.tar"]
     assert load_checkpoint(str(tmp_path / "last.pth"))["epoch"] == 0
 
 

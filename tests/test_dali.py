@@ -16,6 +16,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from conftest import run_folder
 from PIL import Image
 
 from engine.cli import main as train_stream_main
@@ -267,7 +268,7 @@ def test_bad_images_and_a_damaged_shard_are_skipped_and_counted(demo_shards, tmp
 def test_train_stream_trains_and_validates_with_dali(demo_shards, tmp_path, capsys):
     code = train_stream_main(["--data_path", str(demo_shards), "--loader", "dali", "--model", "resnet10t",
                               "--img-size", "32", "-b", "16", "--epochs", "1", "--warmup-epochs", "0",
-                              "--output", str(tmp_path / "run"), "--log-interval", "100"])
+                              *run_folder(tmp_path / "run"), "--log-interval", "100"])
     out = capsys.readouterr().out
     assert code == 0 and "DALI (DALI cpu" in out
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SMALL, child_env, read_metrics, torchrun_cmd
+from conftest import ROOT, SMALL, child_env, read_metrics, run_folder, torchrun_cmd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -155,7 +155,7 @@ def chain(ddp_reference, tmp_path_factory):
     assert ref.returncode == 0, ref.stderr[-3000:]
     base = tmp_path_factory.mktemp("chain")
     out = base / "run"
-    cmd = torchrun_cmd([*args, "--output", str(out), "--auto-resume", "--checkpoint-interval", "2"])
+    cmd = torchrun_cmd([*args, *run_folder(out), "--auto-resume", "--checkpoint-interval", "2"])
     actions = [
         ("SIGTERM to torchrun", lambda p, ranks: os.kill(p.pid, signal.SIGTERM)),
         ("kill -9 torchrun", lambda p, ranks: os.kill(p.pid, signal.SIGKILL)),
@@ -216,7 +216,7 @@ def test_mid_epoch_checkpoint_on_another_world_size_resumes_at_the_next_epoch(ch
     pos = torch.load(mid, weights_only=True)["position"]
     assert pos["world"] == 2 and 0 < pos["step"] < pos["steps_per_epoch"] and pos["epoch"] == 0
     code, out, err = run_main(["--data_path", str(demo_shards), *SMALL, "--epochs", "2", "--resume", str(mid),
-                               "--output", str(tmp_path)], capsys)
+                               *run_folder(tmp_path)], capsys)
     assert code == 0, err
     notice = [line for line in out.splitlines() if line.startswith("resume:")]
     assert len(notice) == 1 and "world 2 -> 1" in notice[0] and "start of epoch 1" in notice[0]
@@ -251,7 +251,7 @@ def test_checkpoint_interval_parsing():
 @pytest.mark.slow
 def test_killed_loader_worker_is_one_line_and_the_rerun_completes(demo_shards, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["--data_path", str(demo_shards), *SMALL, "--epochs", "1", "--output", str(out),
+    args = ["--data_path", str(demo_shards), *SMALL, "--epochs", "1", *run_folder(out),
             "--checkpoint-interval", "3", "--auto-resume"]
     cmd = [sys.executable, os.path.join(ROOT, "train_stream.py"), *args]
     rc, err, seconds = interrupt(cmd, out, 1, lambda p, _: os.kill(children(p.pid)[0], signal.SIGKILL), after=4)
@@ -299,7 +299,7 @@ def test_bad_labels_and_a_damaged_validation_shard_are_counted_and_never_best(de
         f.truncate(os.path.getsize(val.urls[-1]) // 2)
     out = tmp_path / "out"
     code, stdout, err = run_main(["--data_path", str(root), *SMALL, "--epochs", "1", "--max-missing", "0.2",
-                                  "--output", str(out)], capsys)
+                                  *run_folder(out)], capsys)
     assert code == 0, err
     problems = [line for line in stdout.splitlines() if line.startswith("data problems")]
     assert len(problems) == 1 and "7 samples skipped (1 in validation)" in problems[0], stdout
@@ -308,7 +308,7 @@ def test_bad_labels_and_a_damaged_validation_shard_are_counted_and_never_best(de
     val_row = next(r for r in read_metrics(out) if r["kind"] == "val")
     assert val_row["complete"] is False and val_row["n"] < val.num_samples
     # a finished run, resumed, says so in one line and exits 0
-    code, stdout, err = run_main(["--data_path", str(root), *SMALL, "--epochs", "1", "--output", str(out),
+    code, stdout, err = run_main(["--data_path", str(root), *SMALL, "--epochs", "1", *run_folder(out),
                                   "--auto-resume"], capsys)
     assert code == 0 and "already finished all 1 epochs; nothing to do" in stdout, stdout + err
     # another data set is refused in one line, unless allowed

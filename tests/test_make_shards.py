@@ -575,3 +575,34 @@ def test_error_disk_full_leaves_no_temporaries(messy, tmp_path, workers):
                  preexec_fn=_small_file_limit)
     _assert_one_line_error(r, "cannot write", "File too large")
     assert _no_temporaries(out) and not (out / INFO).exists()
+
+
+# ---------------------------------------------------------------- what a new user runs into
+def test_refuses_a_folder_it_did_not_make_unless_overwrite(messy, tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"the user's own file")
+    _assert_one_line_error(_run_cli(messy[0], "--out", out, "--quiet"), "is not empty", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["holiday.jpg"]  # nothing written, nothing removed
+    r = _run_cli(messy[0], "--out", out, "--quiet", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert (out / "holiday.jpg").read_bytes() == b"the user's own file" and (out / INFO).is_file()
+    assert _run_cli(messy[0], "--out", out, "--quiet").returncode == 0  # its own output: up to date
+
+
+def test_a_split_folder_as_source_gets_a_hint_to_pass_its_parent(tmp_path):
+    make_demo_data(tmp_path / "data", num_classes=2, train_per_class=2, val_per_class=0, image_size=(32, 24),
+                   odd_images=False)
+    _assert_one_line_error(_run_cli(tmp_path / "data" / "train"), "neither a train/ nor a val/",
+                           f"pass its parent {tmp_path / 'data'}")
+
+
+def test_progress_is_plain_lines_when_not_a_terminal(tmp_path):
+    make_demo_data(tmp_path / "mini", num_classes=2, train_per_class=3, val_per_class=2, image_size=(32, 24),
+                   odd_images=False)
+    r = _run_cli(tmp_path / "mini")  # stderr is a pipe, as in a log file or CI
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "it/s" not in r.stderr  # no tqdm redraws
+    lines = r.stderr.splitlines()
+    assert any(line.startswith("make_shards: scan train: 6/6 img (100%)") for line in lines), r.stderr
+    assert any(line.startswith("make_shards: write: 10/10 img (100%)") for line in lines), r.stderr

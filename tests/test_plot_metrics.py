@@ -79,3 +79,53 @@ def test_errors_are_one_line(tmp_path, capsys, content, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("plot_metrics: error:")
     assert not (tmp_path / "metrics.png").exists()
+
+
+def _figure(tmp_path, *folders, x="step"):
+    from tools.plot_metrics import Run, make_figure
+    runs = []
+    for folder in folders:
+        train, val, _ = read_metrics(str(folder / "metrics.jsonl"))
+        runs.append(Run(folder.name, train, val, x))
+    return make_figure(runs, x)
+
+
+def _panel(fig, title):
+    return next(ax for ax in fig.axes if ax.get_title() == title)
+
+
+def test_panels_share_one_x_axis_log_loss_best_mark_and_data_wait(tmp_path):
+    _write_run(tmp_path / "run")
+    fig = _figure(tmp_path, tmp_path / "run")
+    loss, acc, wait = _panel(fig, "loss"), _panel(fig, "validation accuracy"), _panel(fig, "data wait")
+    assert loss.get_yscale() == "log"
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == [
+        "train (mean per log interval)", "validation (whole set)"]
+    assert {ax.get_xlabel() for ax in (loss, acc, wait)} == {"global step"}
+    assert acc.get_xlim() == loss.get_xlim() == wait.get_xlim()
+    assert list(acc.lines[0].get_xdata()) == [5, 10, 15]  # accuracy at its steps, not its epoch numbers
+    assert any("best 50.0% (epoch 2)" in t.get_text() for t in acc.texts)
+    assert list(wait.lines[0].get_ydata()) == [5.0] * 15  # percent of step time
+
+
+def test_one_epoch_run_gets_a_sane_axis(tmp_path):
+    folder = tmp_path / "short"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text(json.dumps(
+        {"kind": "val", "epoch": 0, "step": 31, "top1": 40.0, "top5": 80.0, "loss": 1.2, "time": 5.0}) + "\n")
+    fig = _figure(tmp_path, folder)
+    low, high = _panel(fig, "validation accuracy").get_xlim()
+    assert low == 0 and high >= 31
+
+
+def test_two_runs_overlay_against_time(tmp_path, capsys):
+    _write_run(tmp_path / "ref")
+    _write_run(tmp_path / "fast")
+    fig = _figure(tmp_path, tmp_path / "ref", tmp_path / "fast", x="time")
+    acc = _panel(fig, "validation accuracy")
+    assert [line.get_label() for line in acc.lines if "top-1" in line.get_label()] == ["ref: top-1", "fast: top-1"]
+    assert acc.get_xlabel() == "minutes since start" and acc.lines[0].get_xdata()[-1] == pytest.approx(15 / 60)
+    out = tmp_path / "both.png"
+    assert main([str(tmp_path / "ref"), str(tmp_path / "fast"), "--x", "epoch", "-o", str(out)]) == 0
+    assert _png_size(out) == (1200, 800)
+    assert "15 train points, 3 validation epochs; 15 train points" in capsys.readouterr().out

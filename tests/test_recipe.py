@@ -13,6 +13,7 @@ from engine.config import parse_args
 from engine.data import make_data
 from engine.dist import Dist, setup_distributed
 from engine.trainer import Trainer
+from model.recipe import canonical_name
 from model.schedule import ScheduleConfig, lr_at, scale_lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,9 @@ def test_defaults_are_the_reference_run():
     which needs a source build, is opt-in); the LR follows from --lr-base 0.2 per 256."""
     args = parse_args([])
     for key, value in REFERENCE.items():
-        if key != "apex_amp":
+        if key == "model":  # the port's gluon_resnet50_v1b is timm's old name of our default
+            assert canonical_name(args.model) == canonical_name(value) == "resnet50.gluon_in1k"
+        elif key != "apex_amp":
             assert getattr(args, key) == value, key
     assert args.lr is None and (args.lr_base, args.lr_base_size, args.lr_base_scale) == (0.2, 256, "")
     assert scale_lr(args.lr_base, 8 * args.batch_size, args.lr_base_size) == pytest.approx(1.6)  # 8p script
@@ -140,7 +143,7 @@ def test_features_train_validate_checkpoint_and_resume(demo_shards, tmp_path, ca
     out = str(tmp_path / "run")
     common = ["--data_path", str(demo_shards), *SMALL, "--model-ema", "--model-ema-decay", "0.9",
               "--mixup", "0.2", "--cutmix", "1.0", "--reprob", "0.25", "--aa", "rand-m9-mstd0.5",
-              "--clip-grad", "5", "--drop-path", "0.05", "-vb", "4", "--output", out]
+              "--clip-grad", "5", "--drop-path", "0.05", "-vb", "4", "--output", str(tmp_path), "--experiment", "run"]
     code = train_stream.main([*common, "--epochs", "3", "--val-interval", "2"])
     assert code == 0, capsys.readouterr().err
     rows = read_metrics(out)

@@ -3,9 +3,9 @@ import json
 
 import pytest
 import torch
-from conftest import SMALL, read_metrics, torchrun
+from conftest import SMALL, read_metrics, run_folder, torchrun
 
-import engine.cli
+import engine.data
 import train_stream
 from model.schedule import ScheduleConfig, lr_at
 from pipeline.stream import STATS
@@ -16,8 +16,8 @@ def ddp_runs(ddp_reference):
     """Two epochs straight, and one epoch + resume for the second, each on 2 gloo processes."""
     common, straight_dir, straight = ddp_reference
     base = straight_dir.parent
-    first = torchrun([*common, "--output", str(base / "resumed"), "--stop-after", "1"])
-    second = torchrun([*common, "--output", str(base / "resumed"), "--resume", str(base / "resumed" / "last.pth")])
+    first = torchrun([*common, *run_folder(base / "resumed"), "--stop-after", "1"])
+    second = torchrun([*common, *run_folder(base / "resumed"), "--resume", str(base / "resumed" / "last.pth")])
     return base, straight, first, second
 
 
@@ -87,7 +87,7 @@ def test_performance_json_is_the_last_line(demo_shards, capsys):
 def test_training_on_demo_data_lowers_the_loss(demo_shards, tmp_path, capsys):
     code, out, err = run_main(["--data_path", str(demo_shards), "--model", "resnet10t", "--img-size", "32",
                                "-b", "16", "-j", "1", "--epochs", "6", "--warmup-epochs", "1",
-                               "--lr", "0.05", "--log-interval", "2", "--output", str(tmp_path)], capsys)
+                               "--lr", "0.05", "--log-interval", "2", *run_folder(tmp_path)], capsys)
     assert code == 0, err
     rows = read_metrics(tmp_path)
     train = [r["loss"] for r in rows if r["kind"] == "train"]
@@ -150,7 +150,7 @@ def test_unreadable_data_is_a_clear_error_not_a_hang(workers, demo_shards, tmp_p
 def test_synthetic_training_runs_through_fit(tmp_path, capsys):
     """The loader contract through the training loop: synthetic batches report every counter."""
     code, out, err = run_main(["--synthetic", *SMALL, "--epochs", "1", "--warmup-epochs", "0",
-                               "--log-interval", "50", "--output", str(tmp_path)], capsys)
+                               "--log-interval", "50", *run_folder(tmp_path)], capsys)
     assert code == 0, err
     epoch = [r for r in read_metrics(tmp_path) if r["kind"] == "epoch"]
     assert len(epoch) == 1 and set(STATS) <= set(epoch[0])
@@ -161,6 +161,6 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     """Only user errors become one line; anything else is a bug and must stay visible."""
     def broken(args, d):
         raise ValueError("a bug, not a user error")
-    monkeypatch.setattr(engine.cli, "make_data", broken)
+    monkeypatch.setattr(engine.data, "make_data", broken)
     with pytest.raises(ValueError, match="a bug"):
         train_stream.main([*SMALL, "--synthetic", "--device", "cpu"])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Per-step overhead of train_stream.py against a bare training loop, measured in one run.
 
-    python tools/bench_overhead.py [--model gluon_resnet50_v1b] [--img-size 64] [-b 32]
+    python tools/bench_overhead.py [--model resnet50.gluon_in1k] [--img-size 64] [-b 32]
                                    [--steps 20] [--warmup 5] [--rounds 3] [--device cpu]
                                    [--amp-dtype bfloat16|float16] [--no-amp]
 
@@ -99,7 +99,7 @@ def ours(args) -> tuple[float, dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="gluon_resnet50_v1b")
+    p.add_argument("--model", default="resnet50.gluon_in1k")
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("-b", "--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=20)

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="gpu_bench.json")
     p.add_argument("--data-dir", default=None, help="where to build the shards (default: a temp dir)")
     p.add_argument("--images", type=int, default=3000)
-    p.add_argument("--model", default="gluon_resnet50_v1b")
+    p.add_argument("--model", default="resnet50.gluon_in1k")
     p.add_argument("-b", "--batch-size", type=int, default=256)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=60, help="timed steps per measurement")

@@ -1,14 +1,18 @@
-"""Draw the training curves of a run to a PNG: loss, validation accuracy, LR and throughput.
+#!/usr/bin/env python3
+"""Draw the training curves of one or more runs to a PNG: loss, accuracy, LR, speed, data wait.
 
     python tools/plot_metrics.py output/demo                  # reads output/demo/metrics.jsonl
     python tools/plot_metrics.py output/demo/metrics.jsonl -o curves.png
+    python tools/plot_metrics.py runs/ref runs/fast --x time -o compare.png   # overlay two runs
 
 Input: the JSON-lines file train_stream.py writes, one object per line. Used kinds:
   {"kind": "train", "epoch", "step" (global), "loss", "lr", "img_per_s", "data_wait", "time"}
   {"kind": "val",   "epoch", "step", "top1", "top5", "loss", "time"}
-Other kinds (config, perf, ...) are ignored; malformed lines are skipped and counted. When a
-resumed run rewrites steps or epochs, the later line wins. Output (default: metrics.png beside
-the input): 4 panels (train + validation loss, top-1/top-5, LR, img/s), 1200x800 pixels.
+Other kinds are ignored; malformed lines are skipped and counted. When a resumed run rewrites
+steps or epochs, the later line wins. Every panel shares one x-axis: the global step (default),
+the epoch, or the minutes since the run's first line (`--x time`, for time-to-accuracy
+comparisons). Train loss is the mean over each log interval; validation loss is over the whole
+validation set. Output (default: metrics.png beside the first input): 6 panels, 1200x800 pixels.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import sys
 
 METRICS_FILENAME = "metrics.jsonl"
 FIGSIZE, DPI = (12, 8), 100  # 1200 x 800 pixels
+X_LABELS = {"step": "global step", "epoch": "epoch", "time": "minutes since start"}
 
 
 class MetricsError(RuntimeError):
@@ -72,43 +77,116 @@ def read_metrics(path: str) -> tuple[list[dict], list[dict], int]:
     return [train[k] for k in sorted(train)], [val[k] for k in sorted(val)], skipped
 
 
-def _series(rows: list[dict], x: str, y: str):
-    pts = [(r[x], r[y]) for r in rows if _number(r, x) and _number(r, y)]
-    return [p[0] for p in pts], [p[1] for p in pts]
+class Run:
+    """One run's rows with its x positions in the chosen unit."""
+
+    def __init__(self, label: str, train: list[dict], val: list[dict], x: str):
+        self.label, self.train, self.val = label, train, val
+        times = [r["time"] for r in train + val if _number(r, "time")]
+        t0 = min(times) if times else 0.0
+        # steps per epoch, from the last logged step of the first epoch (its last step is always logged)
+        first = min((r["epoch"] for r in train if _number(r, "epoch")), default=None)
+        ends = [r["step"] for r in train if r.get("epoch") == first]
+        spe = max(ends) / (first + 1) if ends else None
+        if not spe and val and _number(val[0], "step"):
+            spe = val[0]["step"] / (val[0]["epoch"] + 1)
+
+        def pos(row: dict, is_val: bool):
+            if x == "time":
+                return (row["time"] - t0) / 60 if _number(row, "time") else None
+            if x == "epoch":
+                if is_val:
+                    return row["epoch"] + 1  # validation happens at the end of its epoch
+                return row["step"] / spe if spe else None
+            return row.get("step") if _number(row, "step") else None
+
+        self.train_x = [pos(r, False) for r in train]
+        self.val_x = [pos(r, True) for r in val]
+
+    def series(self, key: str, val: bool = False):
+        rows, xs = (self.val, self.val_x) if val else (self.train, self.train_x)
+        pts = [(x, r[key]) for x, r in zip(xs, rows) if x is not None and _number(r, key)]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    def best(self):
+        """(x, top1, epoch) of the best validation epoch, or None."""
+        pts = [(x, r["top1"], r["epoch"]) for x, r in zip(self.val_x, self.val) if x is not None]
+        return max(pts, key=lambda p: p[1]) if pts else None
+
+    def summary(self) -> str:
+        lines = [self.label]
+        best = self.best()
+        if best:
+            lines.append(f"  best top-1 {best[1]:.2f}% (epoch {best[2]})")
+            lines.append(f"  last top-1 {self.val[-1]['top1']:.2f}% (epoch {self.val[-1]['epoch']})")
+        times = [r["time"] for r in self.train + self.val if _number(r, "time")]
+        if len(times) > 1:
+            lines.append(f"  {(max(times) - min(times)) / 60:.1f} min from first to last line")
+        for key, name, fmt in (("img_per_s", "images/s", "{:,.0f}"), ("data_wait", "data wait", "{:.1%}")):
+            values = [r[key] for r in self.train if _number(r, key)]
+            if values:
+                lines.append(f"  mean {name} {fmt.format(sum(values) / len(values))}")
+        return "\n".join(lines)
 
 
-def plot(train: list[dict], val: list[dict], out: str, title: str = "") -> str:
+def make_figure(runs: list[Run], x: str = "step"):
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(2, 2, figsize=FIGSIZE, dpi=DPI)
-    (ax_loss, ax_acc), (ax_lr, ax_fps) = axes
-    ax_loss.plot(*_series(train, "step", "loss"), lw=1, label="train")
-    xs, ys = _series(val, "step", "loss")
-    if xs:
-        ax_loss.plot(xs, ys, marker="o", label="validation")
-    ax_loss.set(title="loss", xlabel="global step", ylabel="loss")
-    for key in ("top1", "top5"):
-        xs, ys = _series(val, "epoch", key)
-        ax_acc.plot(xs, ys, marker="o", label=key)
-    ax_acc.set(title="validation accuracy", xlabel="epoch", ylabel="%")
-    ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_lr.plot(*_series(train, "step", "lr"), lw=1)
-    ax_lr.set(title="learning rate", xlabel="global step", ylabel="LR")
-    ax_fps.plot(*_series(train, "step", "img_per_s"), lw=1)
-    ax_fps.set(title="throughput", xlabel="global step", ylabel="images / s (global)")
-    for ax in (ax_loss, ax_acc):
-        if ax.lines:
-            ax.legend()
-    for ax in axes.flat:
+    fig, axes = plt.subplots(2, 3, figsize=FIGSIZE, dpi=DPI)
+    (ax_loss, ax_acc, ax_lr), (ax_fps, ax_wait, ax_text) = axes
+    several = len(runs) > 1
+    for k, run in enumerate(runs):
+        colour = f"C{k}"
+        name = f"{run.label}: " if several else ""
+        ax_loss.plot(*run.series("loss"), lw=1, color=colour, label=f"{name}train (mean per log interval)")
+        xs, ys = run.series("loss", val=True)
+        if xs:
+            ax_loss.plot(xs, ys, "o--", color=colour, ms=4, label=f"{name}validation (whole set)")
+        xs, ys = run.series("top1", val=True)
+        if xs:
+            ax_acc.plot(xs, ys, "o-", color=colour, ms=4, label=f"{name}top-1")
+        if not several:
+            xs, ys = run.series("top5", val=True)
+            if xs:
+                ax_acc.plot(xs, ys, "s:", color="C1", ms=3, label="top-5")
+        best = run.best()
+        if best:
+            ax_acc.plot([best[0]], [best[1]], "*", color=colour, ms=14, zorder=5)
+            ax_acc.annotate(f"best {best[1]:.1f}% (epoch {best[2]})", (best[0], best[1]),
+                            textcoords="offset points", xytext=(-10, -16), ha="right", fontsize=8, color=colour)
+        ax_lr.plot(*run.series("lr"), lw=1, color=colour, label=run.label)
+        ax_fps.plot(*run.series("img_per_s"), lw=1, color=colour, label=run.label)
+        xs, ys = run.series("data_wait")
+        ax_wait.plot(xs, [100 * y for y in ys], lw=1, color=colour, label=run.label)
+    ax_loss.set(title="loss", ylabel="loss (log scale)")
+    if any(line.get_ydata().size and (line.get_ydata() > 0).all() for line in ax_loss.lines):
+        ax_loss.set_yscale("log")  # an early spike would flatten a linear axis
+    ax_acc.set(title="validation accuracy", ylabel="%")
+    ax_lr.set(title="learning rate", ylabel="LR")
+    ax_fps.set(title="throughput", ylabel="images / s (global)")
+    ax_wait.set(title="data wait", ylabel="% of step time waiting for data")
+    ax_text.axis("off")
+    ax_text.text(0.0, 1.0, "\n\n".join(r.summary() for r in runs), va="top", ha="left", fontsize=9,
+                 family="monospace", transform=ax_text.transAxes)
+    xmax = max([v for r in runs for v in r.train_x + r.val_x if v is not None], default=1.0)
+    for ax in (ax_loss, ax_acc, ax_lr, ax_fps, ax_wait):
+        ax.set_xlabel(X_LABELS[x])
+        ax.set_xlim(0, xmax * 1.02 if xmax > 0 else 1.0)  # one x-axis for every panel, from 0
         ax.grid(alpha=0.3)
         if not ax.lines:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    if title:
-        fig.suptitle(title)
+    for ax in (ax_loss, ax_acc) + ((ax_lr, ax_fps, ax_wait) if several else ()):
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(runs: list[Run], out: str, x: str = "step") -> str:
+    import matplotlib.pyplot as plt
+    fig = make_figure(runs, x)
     fig.savefig(out, dpi=DPI)
     plt.close(fig)
     return out
@@ -116,19 +194,29 @@ def plot(train: list[dict], val: list[dict], out: str, title: str = "") -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("path", help=f"run output folder (holding {METRICS_FILENAME}) or a .jsonl file")
-    ap.add_argument("-o", "--output", help="PNG to write (default: metrics.png beside the input)")
+    ap.add_argument("paths", nargs="+", metavar="PATH",
+                    help=f"run output folder (holding {METRICS_FILENAME}) or a .jsonl file; several overlay")
+    ap.add_argument("-o", "--output", help="PNG to write (default: metrics.png beside the first input)")
+    ap.add_argument("--x", choices=tuple(X_LABELS), default="step", help="x-axis of every panel (default: step)")
     args = ap.parse_args(argv)
+    runs, notes = [], []
     try:
-        path = resolve_path(args.path)
-        train, val, skipped = read_metrics(path)
+        for path in args.paths:
+            path = resolve_path(path)
+            train, val, skipped = read_metrics(path)
+            label = os.path.basename(os.path.dirname(os.path.abspath(path)))
+            runs.append(Run(label, train, val, args.x))
+            if skipped:
+                notes.append(f"skipped {skipped} malformed lines")
     except (MetricsError, OSError) as e:
         print(f"plot_metrics: error: {e}", file=sys.stderr)
         return 1
-    out = args.output or os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.png")
-    plot(train, val, out, title=os.path.basename(os.path.dirname(os.path.abspath(path))))
-    note = f", skipped {skipped} malformed lines" if skipped else ""
-    print(f"wrote {out} ({len(train)} train points, {len(val)} validation epochs{note})")
+    first = resolve_path(args.paths[0])
+    out = args.output or os.path.join(os.path.dirname(os.path.abspath(first)), "metrics.png")
+    plot(runs, out, args.x)
+    counts = "; ".join(f"{len(r.train)} train points, {len(r.val)} validation epochs" for r in runs)
+    note = f", {', '.join(notes)}" if notes else ""
+    print(f"wrote {out} ({counts}{note})")
     return 0
 
 

@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Top-5 classes for image files, from a trained checkpoint or a timm model.
+
+    python tools/predict.py output/demo/best.pth photo.jpg more/*.jpg
+    python tools/predict.py runs/r50/best.pth photos/ --top 3 --json
+    python tools/predict.py resnet50.gluon_in1k --pretrained cat.jpg      # timm's ImageNet weights
+
+Images go through the run's eval transform (resize, centre crop, normalise). Class names come from
+the checkpoint (runs record them), else `--classes-from` a shard folder or ImageFolder, else
+ImageNet's names for a 1000-class model, else class indices. An unreadable image is reported and
+skipped. With --json, one JSON object per image.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone
+
+import torch  # noqa: E402
+
+from common.errors import DataError, UserError, user_message  # noqa: E402
+from engine.inference import class_folders, eval_settings, expand_images, file_loader, load_model  # noqa: E402
+from model.device import resolve_device  # noqa: E402
+from pipeline.info import load_info  # noqa: E402
+from pipeline.prefetch import Normalize  # noqa: E402
+from pipeline.transforms import EvalTransform  # noqa: E402
+
+
+def class_names(loaded, classes_from: str | None) -> list[str]:
+    if loaded.classes:
+        return list(loaded.classes)
+    if classes_from:
+        if os.path.isfile(os.path.join(classes_from, "_info.json")):
+            names = list(load_info(classes_from).classes)
+        else:
+            train = os.path.join(classes_from, "train")
+            names = class_folders(train if os.path.isdir(train) else classes_from)
+        if len(names) != loaded.num_classes:
+            raise DataError(f"{classes_from} names {len(names)} classes but the model has {loaded.num_classes}")
+        return names
+    if loaded.num_classes == 1000:
+        from timm.data import ImageNetInfo
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(1000)]
+    return [f"class {i}" for i in range(loaded.num_classes)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", metavar="CHECKPOINT|MODEL", help="checkpoint file, or a timm model name")
+    p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--top", type=int, default=5, help="classes shown per image (default: 5)")
+    p.add_argument("--classes-from", metavar="DATA", help="shard folder or ImageFolder that names the classes")
+    p.add_argument("--model", help="timm model name (default: the one the checkpoint records)")
+    p.add_argument("--pretrained", action="store_true", help="with a model name: timm's pretrained weights")
+    p.add_argument("--use-ema", action="store_true", help="the checkpoint's EMA weights")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "npu", "cpu"), help="default: auto")
+    p.add_argument("-b", "--batch-size", type=int, default=32, help="default: 32")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    args = p.parse_args(argv)
+    try:
+        if args.top < 1:
+            raise DataError("--top must be at least 1")
+        dev = resolve_device(args.device)
+        loaded = load_model(args.checkpoint, model_name=args.model, pretrained=args.pretrained,
+                            ema=args.use_ema, device=dev)
+        names = class_names(loaded, args.classes_from)
+        paths = expand_images(args.images)
+        if not paths:
+            raise DataError("no image files found in " + ", ".join(args.images))
+        transform = EvalTransform(*eval_settings(loaded))
+        normalize = Normalize(dev.torch)
+        k = min(args.top, loaded.num_classes)
+        with torch.no_grad():
+            for images, _, good, bad in file_loader([(q, 0) for q in paths], transform, args.batch_size, 0):
+                for i in bad:
+                    print(f"predict: {paths[i]}: not a readable image, skipped", file=sys.stderr)
+                if not good:
+                    continue
+                probs = loaded.model(normalize(images.to(dev.torch))).float().softmax(1)
+                top_p, top_i = probs.topk(k, dim=1)
+                for i, ps, ids in zip(good, top_p.tolist(), top_i.tolist()):
+                    show(paths[i], [(names[c], pr) for c, pr in zip(ids, ps)], args.json)
+    except UserError as e:
+        print(f"predict: error: {user_message(e)}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+def show(path: str, top: list, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"image": path, "top": [{"class": c, "probability": round(p, 6)} for c, p in top]}))
+    else:
+        print(f"{path}: " + ", ".join(f"{c} ({100 * p:.1f}%)" for c, p in top))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
