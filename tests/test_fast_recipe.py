@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import run_folder
 
 import train_stream
 from common.errors import ConfigError
@@ -201,7 +202,7 @@ class FFCVBlurPoolConv2d(torch.nn.Module):
 
 def test_blurpool_on_resnet50_keeps_shape_and_parameters_and_wraps_ffcvs_six_convs():
     torch.manual_seed(0)
-    model = timm.create_model("gluon_resnet50_v1b", num_classes=10).eval()
+    model = timm.create_model("resnet50.gluon_in1k", num_classes=10).eval()
     count = sum(p.numel() for p in model.parameters())
     assert count == 25_557_032 - 1000 * 2048 - 1000 + 10 * 2048 + 10
     x = torch.randn(2, 3, 64, 64)
@@ -352,10 +353,10 @@ def test_progressive_run_keeps_exact_epochs_and_resumes_at_any_epoch(demo_shards
               "--min-res", "32", "--max-res", "96", "--start-ramp", "0", "--end-ramp", "2",
               "--sched", "linear-step", "--lr-peak-epoch", "1", "--sched-on-updates"]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    assert train_stream.main([*common, "--output", straight]) == 0, capsys.readouterr().err
+    assert train_stream.main([*common, *run_folder(straight)]) == 0, capsys.readouterr().err
     for argv in (["--stop-after", "1"], ["--resume", f"{resumed}/last.pth", "--stop-after", "1"],
                  ["--resume", f"{resumed}/last.pth"]):
-        assert train_stream.main([*common, "--output", resumed, *argv]) == 0, capsys.readouterr().err
+        assert train_stream.main([*common, *run_folder(resumed), *argv]) == 0, capsys.readouterr().err
     a = [r for r in read_metrics(straight) if r["kind"] == "train"]
     b = [r for r in read_metrics(resumed) if r["kind"] == "train"]
     steps = 126 // 16

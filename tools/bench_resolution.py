@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What progressive resizing buys, each part measured in one run (rounds alternate, medians):
 
-    python tools/bench_resolution.py compute [--sizes 160 192 224] [--model gluon_resnet50_v1b] [-b 64]
+    python tools/bench_resolution.py compute [--sizes 160 192 224] [--model resnet50.gluon_in1k] [-b 64]
                                              [--steps 10] [--warmup 3] [--rounds 3] [--device auto]
                                              [--blurpool] [--torchcompile [BACKEND]]
     python tools/bench_resolution.py data DIR [--image-size 1024 768] [--images 2000]
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compute", help="training img/s per image size")
     c.add_argument("--sizes", type=int, nargs="+", default=[160, 192, 224])
-    c.add_argument("--model", default="gluon_resnet50_v1b")
+    c.add_argument("--model", default="resnet50.gluon_in1k")
     c.add_argument("-b", "--batch-size", type=int, default=64)
     c.add_argument("--steps", type=int, default=10)
     c.add_argument("--warmup", type=int, default=3)
