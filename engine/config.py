@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo-dir", default=".demo", help="where the demo data is made and cached")
     g = p.add_argument_group("augmentation (timm's flags)")
     g.add_argument("--color-jitter", type=float, default=0.4,
-                   help="brightness/contrast/saturation factor range 1 +- this, per image on the device; 0: off")
+                   help="brightness/contrast/saturation factor range 1 +- this, per image; 0: off")
+    g.add_argument("--jitter-in", default="auto", choices=("auto", "device", "workers"),
+                   help="where colour jitter runs: batched on the device, or per image in the loader workers; "
+                        "auto: the workers when training on the CPU (cheaper there), else the device")
     g.add_argument("--aa", default=None, metavar="POLICY",
                    help="RandAugment policy, e.g. rand-m9-mstd0.5, in the workers (turns colour jitter off; "
                         "default: none)")
@@ -345,6 +348,18 @@ def mixup_active(args) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
+def jitter_place(args, device_type: str) -> str | None:
+    """Where colour jitter runs: 'device', 'workers', or None when it is off (0, or --aa as in timm).
+    auto: the workers on a CPU-only run, where the batched version costs the training process
+    ~2.7x more per image (BENCHMARKS.md, issue 9), else the device."""
+    if args.color_jitter <= 0 or args.aa:
+        return None
+    if args.jitter_in != "auto":
+        return args.jitter_in
+    ours = args.loader == "ours" and args.decode != "gpu" and not args.synthetic
+    return "workers" if ours and device_type == "cpu" else "device"
+
+
 def check_args(args) -> None:
     for name in ("batch_size", "epochs", "perf_steps", "log_interval", "img_size", "val_interval",
                  "lr_base_size", "recount"):
@@ -369,6 +384,9 @@ def check_args(args) -> None:
         raise ConfigError("--aa runs in our loader's workers: it does not combine with --loader dali")
     if args.aa is not None and args.decode == "gpu":
         raise ConfigError("--aa runs on decoded pixels in the loader workers: it does not combine with --decode gpu")
+    if args.jitter_in == "workers" and (args.loader == "dali" or args.decode == "gpu" or args.synthetic):
+        raise ConfigError("--jitter-in workers runs in our loader's workers on decoded pixels: it does not combine "
+                          "with --loader dali, --decode gpu or --synthetic (use --jitter-in device)")
     if args.aa is not None:
         from pipeline.randaugment import RandAugment
         try:

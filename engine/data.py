@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 
 from common.errors import ConfigError, DataError
-from pipeline.augment import ColorJitter, DeviceAugment, Mixup, RandomErasing
+from pipeline.augment import ColorJitter, DeviceAugment, Mixup, RandomErasing, WorkerColorJitter
 from pipeline.info import check_local_shards, load_info
 from pipeline.loader import BatchLoader, create_loader
 from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize
@@ -14,7 +14,7 @@ from pipeline.remote import RemoteOptions
 from pipeline.resolution import ResolutionSchedule
 from pipeline.synthetic import SyntheticBatches
 
-from .config import DEMO, build_parser, mixup_active
+from .config import DEMO, build_parser, jitter_place, mixup_active
 from .dist import Dist
 from .runtime import resolve_workers
 
@@ -64,9 +64,8 @@ def resolve_num_classes(args, info) -> int:
 
 
 def make_augment(args, d: Dist, num_classes: int) -> DeviceAugment | None:
-    """Colour jitter (not with --aa, as timm), mixup/cutmix and random erasing, on the device."""
-    jitter = ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter) \
-        if args.color_jitter > 0 and not args.aa else None
+    """Colour jitter (unless it runs in the workers), mixup/cutmix and random erasing, on the device."""
+    jitter = ColorJitter(*[args.color_jitter] * 3) if jitter_place(args, d.device.type) == "device" else None
     mixup = Mixup(args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob, args.mixup_switch_prob,
                   label_smoothing=args.smoothing, num_classes=num_classes) if mixup_active(args) else None
     erasing = RandomErasing(args.reprob, args.remode, max_count=args.recount) if args.reprob > 0 else None
@@ -132,10 +131,20 @@ def make_data(args, d: Dist) -> Data:
     if val is not None:
         d.say(f"validation: {_val_size(args)} px, centre crop {_val_crop(args):g}, "
               f"{args.interpolation}{', flip TTA' if args.val_tta == 'flip' else ''}")
-    d.say(f"augmentation: crop {args.train_interpolation}{', ' + args.aa if args.aa else ''}"
+    in_workers = f", colour jitter {args.color_jitter:g}" if jitter_place(args, dev.type) == "workers" else ""
+    d.say(f"augmentation: crop {args.train_interpolation}{', ' + args.aa if args.aa else ''}{in_workers}"
           f"{'; on the device: ' + augment.describe() if augment else ''}")
     return Data(train, val, num_classes, feed, val_feed, augment, workers, info.identity(), val_samples,
                 tuple(info.classes))
+
+
+def worker_augment(args, d: Dist):
+    """The per-image augmentation of the workers: RandAugment (--aa) or colour jitter, or None."""
+    if args.aa:
+        return RandAugment(args.aa)
+    if jitter_place(args, d.device.type) == "workers":
+        return WorkerColorJitter(*[args.color_jitter] * 3)
+    return None
 
 
 def _val_size(args) -> int:
@@ -160,7 +169,7 @@ def _our_maker(args, d: Dist, workers: int, num_classes: int, remote, resolution
         if train:
             return create_loader(split, train=True, batch_size=batch_size, shuffle_buffer=args.shuffle_buffer,
                                  train_interpolation=args.train_interpolation,
-                                 augment=RandAugment(args.aa) if args.aa else None, img_size=resolution.min_res,
+                                 augment=worker_augment(args, d), img_size=resolution.min_res,
                                  largest_img_size=resolution.largest, crop_pct=args.crop_pct, **common)
         return create_loader(split, train=False, batch_size=batch_size, eval_interpolation=args.interpolation,
                              img_size=_val_size(args), crop_pct=_val_crop(args), **common)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision.transforms as TV
 
-from pipeline.augment import BatchRandom, ColorJitter, DeviceAugment, Mixup, RandomErasing
+from pipeline.augment import BatchRandom, ColorJitter, DeviceAugment, Mixup, RandomErasing, WorkerColorJitter
 from pipeline.prefetch import Normalize
 
 
@@ -51,6 +51,29 @@ def test_color_jitter_draws_torchvision_ranges_and_orders():
     assert torch.allclose(hi, torch.tensor([1.4, 1.2, 1.0], dtype=torch.float64), atol=2e-3)
     again = cj.draw(3000, "cpu", torch.Generator().manual_seed(0))
     assert torch.equal(again[0], order) and torch.equal(again[1], factors)
+
+
+def test_worker_jitter_equals_the_batched_jitter_for_the_same_draws():
+    """--jitter-in workers: the pixels of the batched jitter for the same order and factors, but
+    for a few values torchvision's v2 ops round differently; drawn from the sample's generator only."""
+    imgs = uint8_images(16, seed=3)
+    wj = WorkerColorJitter(0.4, 0.4, 0.4)
+    orders, factors, outs = [], [], []
+    for i, img in enumerate(imgs):
+        order, f = wj.draw(random.Random(i))
+        assert sorted(order) == [0, 1, 2] and all(0.6 <= x <= 1.4 for x in f)
+        orders.append(order)
+        factors.append(f)
+        out = img.permute(1, 2, 0).clone()  # a worker's HWC crop
+        wj(out, random.Random(i))
+        outs.append(out.permute(2, 0, 1))
+    want = ColorJitter.apply(imgs.float(), torch.tensor(orders), torch.tensor(factors, dtype=torch.float64))
+    diff = (torch.stack(outs).float() - want).abs()
+    assert diff.max() <= 3 and (diff > 0).float().mean() < 1e-3
+    assert len({tuple(o) for o in orders}) > 3 and not torch.equal(torch.stack(outs), imgs)
+    again = imgs[0].permute(1, 2, 0).clone()
+    wj(again, random.Random(0))
+    assert torch.equal(again.permute(2, 0, 1), outs[0])
 
 
 MIXUP_CASES = [  # (flags, the kinds of batches 40 trials must produce)

@@ -315,11 +315,11 @@ def test_fast_configs_mirror_ffcvs_rn50_configs(epochs):
 
 def test_fast_demo_config_keeps_the_recipes_shape_on_the_demo():
     """configs/fast_demo.yaml (issue 13's time-to-accuracy run): FFCV's recipe at demo scale, the
-    last quarter at the larger size, the LR peak at 1/8 of the run, validation above training size."""
+    last third at the larger size, the LR peak after one epoch, validation above training size."""
     args = parse_args(["-c", os.path.join(ROOT, "configs", "fast_demo.yaml")])
     res = ResolutionSchedule.from_args(args)
-    assert [res.at(e) for e in range(args.epochs)] == [48] * 6 + [64] * 2
-    assert (args.sched, args.sched_on_updates, args.lr_peak_epoch * 8) == ("linear-step", True, args.epochs)
+    assert [res.at(e) for e in range(args.epochs)] == [48] * 4 + [64] * 2
+    assert (args.sched, args.sched_on_updates, args.lr_peak_epoch) == ("linear-step", True, 1)
     assert args.blurpool and args.val_tta == "flip" and args.val_res > res.largest and args.color_jitter == 0
     assert args.data_path is None  # the demo data, as `make demo`
 

@@ -121,6 +121,31 @@ def test_drop_path_num_classes_and_validation_batch(demo_shards, capsys):
     assert code == 2 and "--num-classes 5 does not match the 6 classes" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("argv, device, where", [
+    ([], "cpu", "workers"),  # auto: the workers when the CPU trains
+    ([], "cuda", "device"),
+    (["--jitter-in", "device"], "cpu", "device"),
+    (["--jitter-in", "workers"], "cuda", "workers"),
+    (["--loader", "dali"], "cpu", "device"),
+    (["--synthetic"], "cpu", "device"),
+    (["--aa", "rand-m9-mstd0.5"], "cpu", None),  # RandAugment replaces it, as in timm
+    (["--color-jitter", "0"], "cpu", None),
+])
+def test_jitter_runs_where_it_is_cheaper(argv, device, where):
+    from engine.config import jitter_place
+    assert jitter_place(parse_args(argv), device) == where
+
+
+def test_cpu_run_jitters_in_the_workers_and_not_on_the_device(demo_shards):
+    from pipeline.augment import WorkerColorJitter
+    d = Dist(0, 1, 0, 1, setup_distributed("cpu").device)
+    data = make_data(parse_args(["--data_path", str(demo_shards), *SMALL]), d)
+    assert isinstance(data.train.dataset.builder.transform.augment, WorkerColorJitter)
+    assert data.augment is None or data.augment.jitter is None
+    data = make_data(parse_args(["--data_path", str(demo_shards), *SMALL, "--jitter-in", "device"]), d)
+    assert data.train.dataset.builder.transform.augment is None and data.augment.jitter is not None
+
+
 def test_sched_on_updates_changes_the_lr_every_update():
     """The trainer's LR follows lr_at in the mode the flags pick: per epoch by default, per
     update with --sched-on-updates (synthetic data: 100 steps per epoch)."""
@@ -197,6 +222,7 @@ def test_pretrained_without_weights_is_one_line(monkeypatch, tmp_path, capsys):
     (["--aa", "augmix-m5"], "RandAugment"),
     (["--aa", "rand-m9", "--decode", "gpu"], "does not combine with --decode gpu"),
     (["--aa", "rand-m9", "--loader", "dali"], "does not combine with --loader dali"),
+    (["--jitter-in", "workers"], "--jitter-in workers runs in our loader's workers"),
     (["--reprob", "1.5"], "--reprob must be in [0, 1]"),
     (["--cutmix-minmax", "0.8", "0.2"], "--cutmix-minmax"),
     (["--val-interval", "0"], "--val-interval must be at least 1"),

@@ -39,6 +39,7 @@ def _work(a: torch.Tensor, n: int) -> None:
 
 def _calibrate(ms: float) -> int:
     a = torch.rand(128, 128)
+    _work(a, 50)  # the first matmuls pay for lazy set-up, which would make a step too short
     t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < 0.2:
         _work(a, 1)

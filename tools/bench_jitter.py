@@ -3,17 +3,19 @@
 
     python tools/bench_jitter.py [--device auto|cuda|cpu] [-b 256] [--img-size 224] [--rounds 3]
 
-Worker: torchvision's uint8 ColorJitter(0.4, 0.4, 0.4) (v2, random op order per image) on one
-HWC 224 px crop, one thread, as a worker would run it. Device: pipeline.augment.ColorJitter on a
-batch of -b images (draws, three blends, clamps) between the uint8 -> float conversion and the
-normalisation, timed between device synchronisations and divided by the batch; the time of
-the conversion + normalisation alone is printed beside it. The last stdout line is JSON.
+Worker: pipeline.augment.WorkerColorJitter(0.4, 0.4, 0.4) (torchvision's uint8 ops, random op
+order per image) on one HWC 224 px crop, one thread, as a worker runs it (`--jitter-in workers`).
+Device: pipeline.augment.ColorJitter on a batch of -b images (draws, three blends, clamps)
+between the uint8 -> float conversion and the normalisation, timed between device
+synchronisations and divided by the batch; the time of the conversion + normalisation alone
+is printed beside it. The last stdout line is JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -23,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from model.device import resolve_device  # noqa: E402
-from pipeline.augment import ColorJitter  # noqa: E402
+from pipeline.augment import ColorJitter, WorkerColorJitter  # noqa: E402
 from pipeline.prefetch import Normalize  # noqa: E402
 
 
@@ -40,13 +42,12 @@ def timed(fn, seconds: float, sync=lambda: None) -> float:
 
 
 def worker_us(size: int, seconds: float) -> float:
-    import torchvision.transforms.v2 as T2
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        jitter = T2.ColorJitter(0.4, 0.4, 0.4)
+        jitter, rng = WorkerColorJitter(0.4, 0.4, 0.4), random.Random(0)
         out = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8)
-        return 1e6 * timed(lambda: out.copy_(jitter(out.permute(2, 0, 1)).permute(1, 2, 0)), seconds)
+        return 1e6 * timed(lambda: jitter(out, rng), seconds)
     finally:
         torch.set_num_threads(threads)
 

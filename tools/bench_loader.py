@@ -17,9 +17,10 @@ augmentation (RandomResizedCrop 0.08-1, 3/4-4/3, + flip, no colour jitter, uint8
             DALI is not installed (or, for gpu, without CUDA)
 The worker side of the train recipe is the same for every row: `--train-interpolation` (default
 bilinear; random: bilinear or bicubic per image, as timm) and, with `--jitter-in workers`, colour
-jitter per image in the workers (torchvision's uint8 ColorJitter; timm's loader gets the same).
-train_stream.py jitters batched on the device instead (`--jitter-in device`, the default), which
-costs the loader nothing. `--vs-plain` adds a row of our loader with today's plain settings
+jitter per image in the workers (pipeline.augment.WorkerColorJitter, as train_stream.py runs it
+on a CPU; timm's loader gets its own ColorJitter). On an accelerator train_stream.py jitters
+batched on the device instead (`--jitter-in device`, the default there: `--jitter-in auto`),
+which costs the loader nothing. `--vs-plain` adds a row of our loader with today's plain settings
 (bilinear, no jitter) and the median of the per-round ratios ours/plain: the loader cost of the
 recipe's augmentation.
 Ceiling: one core decoding + cropping the same images with our CPU transform, in this process,
@@ -49,6 +50,7 @@ from common.compare import mismatch  # noqa: E402
 from common.errors import DataError, UserError  # noqa: E402
 from common.host import usable_cores  # noqa: E402
 from engine.runtime import describe_host, host_facts, resolve_workers  # noqa: E402
+from pipeline.augment import WorkerColorJitter  # noqa: E402
 from pipeline.info import check_local_shards, load_info  # noqa: E402
 from pipeline.loader import create_loader  # noqa: E402
 from pipeline.shards import iter_samples, open_shard  # noqa: E402
@@ -71,23 +73,12 @@ def sample_bytes(split, n: int):
     return out
 
 
-class WorkerJitter:
-    """torchvision's ColorJitter(b, c, s) on a worker's HWC uint8 crop (the design not taken)."""
-
-    def __init__(self, strength: float):
-        import torchvision.transforms.v2 as T2
-        self.jitter = T2.ColorJitter(strength, strength, strength)
-
-    def __call__(self, out, rng):
-        out.copy_(self.jitter(out.permute(2, 0, 1)).permute(1, 2, 0))
-
-
 def jitter_in_workers(args, plain: bool = False) -> bool:
     return not plain and args.color_jitter > 0 and args.jitter_in == "workers"
 
 
 def worker_augment(args, plain: bool = False):
-    return WorkerJitter(args.color_jitter) if jitter_in_workers(args, plain) else None
+    return WorkerColorJitter(*[args.color_jitter] * 3) if jitter_in_workers(args, plain) else None
 
 
 def augment_desc(args, plain: bool = False) -> str:

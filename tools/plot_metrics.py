@@ -155,7 +155,8 @@ def make_figure(runs: list[Run], x: str = "step"):
         if best:
             ax_acc.plot([best[0]], [best[1]], "*", color=colour, ms=14, zorder=5)
             ax_acc.annotate(f"best {best[1]:.1f}% (epoch {best[2]})", (best[0], best[1]),
-                            textcoords="offset points", xytext=(-10, -16), ha="right", fontsize=8, color=colour)
+                            textcoords="offset points", xytext=(-10, -16 - 11 * k), ha="right", fontsize=8,
+                            color=colour)  # one line lower per run: labels of several runs never overlap
         ax_lr.plot(*run.series("lr"), lw=1, color=colour, label=run.label)
         ax_fps.plot(*run.series("img_per_s"), lw=1, color=colour, label=run.label)
         xs, ys = run.series("data_wait")
