@@ -35,7 +35,8 @@ class Monitor:
             if not tensorboard_available():
                 raise ConfigError("--tensorboard needs the tensorboard package (pip install tensorboard)")
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(log_dir=os.path.join(self.output, "tensorboard"))
+            # absolute: the writer's thread opens its file later, wherever the process's cwd is then
+            self.tb = SummaryWriter(log_dir=os.path.abspath(os.path.join(self.output, "tensorboard")))
         if wandb:
             try:
                 import wandb as wandb_module

@@ -93,3 +93,28 @@ def ddp_reference(demo_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "straight"
     args = ["--data_path", str(demo_shards), *SMALL, "--epochs", "2"]
     return args, out, torchrun([*args, *run_folder(out)])
+
+
+def rewrite_shard(path, change):
+    """Rewrite a tar with `change(name, data) -> data` applied to every member."""
+    import io
+    import tarfile
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for m, data in members:
+            data = change(m.name, data)
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+
+
+def garble_first_image(path):
+    """Make the first image of a shard undecodable (the sample is skipped and counted)."""
+    first = [True]
+
+    def garble(name, data):
+        if name.endswith(".jpg") and first[0]:
+            first[0] = False
+            return b"\xff\xd8" + b"\x00" * 500
+        return data
+    rewrite_shard(path, garble)

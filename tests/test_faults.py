@@ -12,14 +12,13 @@ import signal
 import stat
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SMALL, child_env, read_metrics, run_folder, torchrun_cmd
+from conftest import ROOT, SMALL, child_env, read_metrics, rewrite_shard, run_folder, torchrun_cmd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -54,24 +53,13 @@ def copy_shards(src, dst):
     return dst
 
 
-def rewrite_members(path, change):
-    """Rewrite a tar with `change(name, data) -> data` applied to every member."""
-    with tarfile.open(path) as tf:
-        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for m, data in members:
-            data = change(m.name, data)
-            m.size = len(data)
-            tf.addfile(m, io.BytesIO(data))
-
-
 def set_labels(path, labels):
     """Give the first len(labels) samples of a shard these .cls payloads."""
     todo = list(labels)
 
     def change(name, data):
         return todo.pop(0) if name.endswith(".cls") and todo else data
-    rewrite_members(path, change)
+    rewrite_shard(path, change)
 
 
 def run_main(args, capsys):
@@ -368,7 +356,7 @@ def test_anything_a_decoder_throws_is_that_samples_problem(demo_shards, tmp_path
             first[0] = False
             return png16.getvalue()
         return data
-    rewrite_members(split.urls[0], put_png)
+    rewrite_shard(split.urls[0], put_png)
     assert loader_stats(split)[1]["skipped"] == 0  # decoded, as 8 bits
 
     calls = [0]
@@ -397,7 +385,7 @@ def test_a_non_jpeg_over_the_pixel_limit_is_skipped_without_decoding(demo_shards
             first[0] = False
             return big.getvalue()
         return data
-    rewrite_members(split.urls[0], put_big)
+    rewrite_shard(split.urls[0], put_big)
     n, stats = loader_stats(split, train=False)
     assert stats["skipped"] == 1 and n == split.num_samples - 1
 

@@ -1,17 +1,16 @@
 """The streaming loader end to end: real worker processes over generated shards."""
 import hashlib
 import http.server
-import io
 import json
 import logging
 import os
 import shutil
-import tarfile
 import threading
 from functools import partial
 
 import pytest
 import torch
+from conftest import garble_first_image
 
 from common.errors import DataLoadingError
 from pipeline.info import DataError, check_local_shards, load_info
@@ -121,28 +120,10 @@ def test_validation_every_sample_exactly_once_across_ranks(demo_shards):
     assert sum(len(y) for _, y in loader) == split.num_samples
 
 
-def rewrite_shard(path, change):
-    """Rewrite a tar with `change(name, data) -> data` applied to every member."""
-    with tarfile.open(path) as tf:
-        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for m, data in members:
-            data = change(m.name, data)
-            m.size = len(data)
-            tf.addfile(m, io.BytesIO(data))
-
-
 def test_corrupt_sample_is_skipped_and_counted(demo_shards, tmp_path):
     root = copy_shards(demo_shards, tmp_path / "wds")
     split = load_info(str(root)).split("train")
-    first = [True]
-
-    def garble(name, data):
-        if name.endswith(".jpg") and first[0]:
-            first[0] = False
-            return b"\xff\xd8" + b"\x00" * 500
-        return data
-    rewrite_shard(split.urls[0], garble)
+    garble_first_image(split.urls[0])
     loader = create_loader(split, train=True, batch_size=B, img_size=SIZE, num_workers=2)
     assert sum(1 for _ in loader) == len(loader)
     stats = loader.stats()
@@ -265,18 +246,6 @@ def test_loaders_fulfil_the_batch_loader_contract(demo_shards):
         assert set(STATS) <= set(stats) and stats["samples"] == n and stats["skipped"] == 0
 
 
-def garble_first_images(path):
-    """Make the first image of a shard undecodable (the sample is skipped and counted)."""
-    first = [True]
-
-    def garble(name, data):
-        if name.endswith(".jpg") and first[0]:
-            first[0] = False
-            return b"\xff\xd8" + b"\x00" * 500
-        return data
-    rewrite_shard(path, garble)
-
-
 @pytest.mark.parametrize("workers,k", [(0, 5), (2, 5), (3, 13)])  # 13 of 15: worker 0 has run out
 def test_mid_epoch_resume_gives_the_identical_remaining_batches(demo_shards, tmp_path, workers, k):
     """A loader resumed from progress(k) yields the batches an uninterrupted epoch yields after
@@ -284,7 +253,7 @@ def test_mid_epoch_resume_gives_the_identical_remaining_batches(demo_shards, tmp
     root = copy_shards(demo_shards, tmp_path / "wds")
     split = load_info(str(root)).split("train")
     for url in split.urls:
-        garble_first_images(url)
+        garble_first_image(url)
 
     def make():
         loader = create_loader(split, train=True, batch_size=B, img_size=SIZE, num_workers=workers, seed=5,
