@@ -253,7 +253,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from .rundir import resolve
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
-    notes = []
+    notes, values = [], {}
     if first.config:
         values, ignored = load_config(first.config, parser)
         parser.set_defaults(**values)
@@ -261,9 +261,26 @@ def parse_args(argv=None) -> argparse.Namespace:
             notes.append(f"warning: {first.config}: ignoring timm settings this trainer does not have: "
                          f"{', '.join(ignored)}")
     args = parser.parse_args(argv)
+    if args.data_path is None and not args.synthetic:
+        apply_demo(args, given=given_flags(argv) | set(values))
     check_args(args)
-    args.notes = notes + resolve(args) + advice(args)
+    args.notes = notes + resolve(args) + advice(args)  # the run folder's name has the demo's size
     return args
+
+
+def given_flags(argv) -> set[str]:
+    """The dests of the flags on the command line (not those left at their defaults)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def apply_demo(args, given: set[str]) -> None:
+    """No --data_path: the demo's settings for what neither the command line nor -c set."""
+    for key, value in DEMO.items():
+        if key not in given:
+            setattr(args, key, value)
 
 
 def advice(args) -> list[str]:

@@ -14,7 +14,7 @@ from pipeline.remote import RemoteOptions
 from pipeline.resolution import ResolutionSchedule
 from pipeline.synthetic import SyntheticBatches
 
-from .config import DEMO, build_parser, jitter_place, mixup_active
+from .config import jitter_place, mixup_active
 from .dist import Dist
 from .runtime import resolve_workers
 
@@ -34,12 +34,9 @@ class Data:
 
 
 def prepare_demo(args, d: Dist) -> None:
-    """No --data_path: make the demo ImageFolder + shards once (local rank 0), then use them."""
+    """No --data_path: make the demo ImageFolder + shards once (local rank 0), then use them (the
+    demo's settings were applied by engine.config.parse_args)."""
     shards = os.path.join(args.demo_dir, "demo-wds")
-    defaults = build_parser()
-    for key, value in DEMO.items():  # only what the user left at its default
-        if getattr(args, key) == defaults.get_default(key):
-            setattr(args, key, value)
     if d.local_rank == 0 and not os.path.isfile(os.path.join(shards, "_info.json")):
         from dataprep import make_shards
         from dataprep.demo import make_demo_data

@@ -293,7 +293,7 @@ def test_val_tta_flip_sums_the_logits_of_both_views(demo_shards):
 def test_fast_configs_mirror_ffcvs_rn50_configs(epochs):
     """Each value as rn50_configs/rn50_{E}_epochs.yaml (@ 5bab20e) and train_imagenet.py's
     defaults set it; the LR at 8 x 512 is FFCV's 1.7; the per-epoch sizes are get_resolution's."""
-    args = parse_args(["-c", os.path.join(ROOT, "configs", f"fast_{epochs}ep.yaml")])
+    args = parse_args(["-c", os.path.join(ROOT, "configs", f"fast_{epochs}ep.yaml"), "--data_path", "/data/in-500-wds"])
     start, end = RN50_RAMPS[epochs]
     want = dict(model="gluon_resnet50_v1b", batch_size=512, epochs=epochs, sched="linear-step",
                 sched_on_updates=True, lr_peak_epoch=2, opt="momentum", momentum=0.9, weight_decay=1e-4,

@@ -78,6 +78,15 @@ def test_without_output_the_run_goes_to_output_and_says_so(demo_shards, tmp_path
 
 
 @pytest.mark.slow
+def test_the_demo_run_folder_is_named_with_the_demos_size(tmp_path):
+    args = parse_args(["--output", str(tmp_path)])  # no --data_path: the demo, at 64 px
+    assert args.img_size == 64 and args.run_dir.endswith("-resnet50.gluon_in1k-64")
+    args = parse_args(["--output", str(tmp_path), "--img-size", "96", "--epochs", "3"])
+    assert (args.img_size, args.epochs, args.batch_size) == (96, 3, 32) and args.run_dir.endswith("-96")
+    args = parse_args(["--output", str(tmp_path), "--data_path", str(tmp_path)])
+    assert args.img_size == 224 and args.run_dir.endswith("-224")  # real data: the recipe's size
+
+
 def test_no_output_saves_nothing_and_says_so(demo_shards, tmp_path, capsys):
     code, out, _ = run_main(["--data_path", str(demo_shards), *SMALL, "--epochs", "1", "--warmup-epochs", "0",
                              "--no-output"], capsys)
