@@ -36,8 +36,7 @@ import numpy as np
 import torch
 
 from common.errors import ConfigError
-from model.recipe import (  # noqa: F401  (re-exported: the schedule's defaults live with the recipe)
-    DEFAULT_BASE_LR_PER_256,
+from model.recipe import (  # the schedule's defaults live with the recipe (importable without torch)
     DEFAULT_BASE_SIZE,
     DEFAULT_COOLDOWN_EPOCHS,
     DEFAULT_DECAY_EPOCHS,
