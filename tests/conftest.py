@@ -108,13 +108,18 @@ def rewrite_shard(path, change):
             tf.addfile(m, io.BytesIO(data))
 
 
-def garble_first_image(path):
-    """Make the first image of a shard undecodable (the sample is skipped and counted)."""
+def replace_first_image(path, data: bytes):
+    """Give the first image of a shard these bytes instead (a damaged or an unusual image)."""
     first = [True]
 
-    def garble(name, data):
+    def change(name, old):
         if name.endswith(".jpg") and first[0]:
             first[0] = False
-            return b"\xff\xd8" + b"\x00" * 500
-        return data
-    rewrite_shard(path, garble)
+            return data
+        return old
+    rewrite_shard(path, change)
+
+
+def garble_first_image(path):
+    """Make the first image of a shard undecodable (the sample is skipped and counted)."""
+    replace_first_image(path, b"\xff\xd8" + b"\x00" * 500)

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SMALL, child_env, read_metrics, rewrite_shard, run_folder, torchrun_cmd
+from conftest import ROOT, SMALL, child_env, read_metrics, replace_first_image, rewrite_shard, run_folder, torchrun_cmd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -349,14 +349,7 @@ def test_anything_a_decoder_throws_is_that_samples_problem(demo_shards, tmp_path
     split = load_info(str(root)).split("train")
     png16 = io.BytesIO()
     Image.fromarray(np.full((40, 50), 40000, dtype=np.uint16)).save(png16, "PNG")  # 16-bit, named .jpg
-    first = [True]
-
-    def put_png(name, data):
-        if name.endswith(".jpg") and first[0]:
-            first[0] = False
-            return png16.getvalue()
-        return data
-    rewrite_shard(split.urls[0], put_png)
+    replace_first_image(split.urls[0], png16.getvalue())
     assert loader_stats(split)[1]["skipped"] == 0  # decoded, as 8 bits
 
     calls = [0]
@@ -378,14 +371,7 @@ def test_a_non_jpeg_over_the_pixel_limit_is_skipped_without_decoding(demo_shards
     side = int(MAX_PIXELS ** 0.5) + 10  # 1-bit PNG: small to store, ~270 MB to decode as RGB
     big = io.BytesIO()
     Image.new("1", (side, side)).save(big, "PNG")
-    first = [True]
-
-    def put_big(name, data):
-        if name.endswith(".jpg") and first[0]:
-            first[0] = False
-            return big.getvalue()
-        return data
-    rewrite_shard(split.urls[0], put_big)
+    replace_first_image(split.urls[0], big.getvalue())
     n, stats = loader_stats(split, train=False)
     assert stats["skipped"] == 1 and n == split.num_samples - 1
 
