@@ -2,6 +2,7 @@
 the torchrun helper with the reference 2-process run that test_train and test_faults compare to."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,8 +84,23 @@ def _default_runs_stay_out_of_the_clone(tmp_path, monkeypatch):
 
 
 def read_metrics(folder):
+    """The rows of a run folder's metrics.jsonl."""
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def run_main(args, capsys):
+    """train_stream.py's main in this process: (exit status, stdout, stderr)."""
+    import train_stream
+    code = train_stream.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def copy_shards(src, dst):
+    """A private copy of a shard folder, for a test that damages it (demo_shards is shared)."""
+    shutil.copytree(src, dst)
+    return dst
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,8 @@ import sys
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow  # each runs a tool in a subprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None  # make test installs it
-sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 
 def run_tool(*args, timeout=300):
@@ -27,6 +25,7 @@ def run_tool(*args, timeout=300):
     return json.loads(p.stdout.strip().splitlines()[-1]), p.stdout
 
 
+@pytest.mark.slow
 def test_bench_loader_compares_rows_with_the_same_settings(demo_shards, cpu_bf16):
     result, out = run_tool("tools/bench_loader.py", "--data_path", str(demo_shards), "-j", "1", "-b", "8",
                            "--img-size", "32", "--steps", "3", "--warmup", "1", "--ceiling-seconds", "0.5",
@@ -62,6 +61,7 @@ def test_bench_loader_compares_rows_with_the_same_settings(demo_shards, cpu_bf16
         assert ratios["ours-cpu/dali-cpu"] == pytest.approx(ours["img_per_s"] / dali["img_per_s"], abs=2e-3)
 
 
+@pytest.mark.slow
 def test_bench_loader_recipe_augmentation_on_every_side_and_against_plain(demo_shards):
     """The recipe's worker side (random interpolation, jitter in the workers) reaches ours, timm's
     loader and the ceiling alike, so their ratios stand; the plain row is the A/B of its cost."""
@@ -82,6 +82,7 @@ def test_bench_loader_recipe_augmentation_on_every_side_and_against_plain(demo_s
     assert "ours-cpu/plain:" in out and "median of the per-round ratios" in out
 
 
+@pytest.mark.slow
 def test_bench_jitter_compares_workers_and_device():
     result, out = run_tool("tools/bench_jitter.py", "--img-size", "32", "-b", "8", "--seconds", "0.2", "--rounds", "1")
     assert result["worker_us_per_image"] > 0 and result["device_us_per_image"] > 0
@@ -91,12 +92,14 @@ def test_bench_jitter_compares_workers_and_device():
     assert "per image" in out
 
 
+@pytest.mark.slow
 def test_bench_loader_clear_error_without_info(tmp_path):
     p = subprocess.run([sys.executable, "tools/bench_loader.py", "--data_path", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2 and "no _info.json" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_bench_overhead_both_sides_resolve_precision_alike(cpu_bf16):
     result, out = run_tool("tools/bench_overhead.py", "--model", "resnet10t", "--img-size", "32", "-b", "4",
                            "--steps", "2", "--warmup", "1", "--rounds", "1")
@@ -111,11 +114,11 @@ def test_bench_overhead_both_sides_resolve_precision_alike(cpu_bf16):
     assert "round 0" in out and "refused" not in result
 
 
+@pytest.mark.slow
 def test_bench_overhead_refuses_a_ratio_when_the_sides_differ(monkeypatch, capsys):
-    """The issue's case the other way round: train_stream sees fast bf16, the bare loop does not."""
-    import bench_overhead
-
+    """The mismatch the other way round: train_stream sees fast bf16, the bare loop does not."""
     from model.device import CPU_BF16_ENV
+    from tools import bench_overhead
     monkeypatch.setenv(CPU_BF16_ENV, "0")
     real_ours = bench_overhead.ours
 
@@ -135,6 +138,7 @@ def test_bench_overhead_refuses_a_ratio_when_the_sides_differ(monkeypatch, capsy
     assert "no overhead ratio: bare and train_stream differ in amp_dtype" in out and "per-step overhead" not in out
 
 
+@pytest.mark.slow
 def test_bench_make_shards_compares_the_same_images(tmp_path, cpu_bf16):
     result, out = run_tool("tools/bench_make_shards.py", "--images", "40", "--repeats", "1",
                            "--workdir", str(tmp_path))
@@ -152,6 +156,7 @@ def gpu_bench_data(tmp_path_factory):
     return tmp_path_factory.mktemp("gpu_bench")  # shards built by the first run, reused by the second
 
 
+@pytest.mark.slow
 def test_gpu_bench_tiny_runs_every_stage_on_the_cpu(tmp_path, gpu_bench_data, cpu_bf16):
     out_json = tmp_path / "gb.json"
     # the DALI rows run once (with bf16 forced off): they add a training run, and bf16 does not touch them
@@ -181,6 +186,7 @@ def test_gpu_bench_tiny_runs_every_stage_on_the_cpu(tmp_path, gpu_bench_data, cp
     assert not results["refused"]
 
 
+@pytest.mark.slow
 def test_bench_control_compares_steps_with_and_without_the_check():
     result, out = run_tool("tools/bench_control.py", "--steps", "20", "--work-ms", "2", "--rounds", "1")
     assert result["step_ms"] > 0 and result["step_with_check_ms"] > 0 and result["poll_alone_us"] > 0
@@ -189,10 +195,11 @@ def test_bench_control_compares_steps_with_and_without_the_check():
     assert result["procs"] == 2 and "round 0" in out
 
 
+@pytest.mark.slow
 def test_bench_resolution_compute_data_and_loader(tmp_path, capsys):
     """Ratios per image size from one model, and per size and shard set from one set of loaders
     (in this process: the tool's main)."""
-    import bench_resolution
+    from tools import bench_resolution
     assert bench_resolution.main(["compute", "--model", "resnet10t", "--sizes", "32", "48", "-b", "4",
                                   "--steps", "1", "--warmup", "1", "--rounds", "1", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -214,12 +221,14 @@ def test_bench_resolution_compute_data_and_loader(tmp_path, capsys):
                                                              abs=2e-3)
 
 
+@pytest.mark.slow
 def test_bench_resolution_counts_compiled_graphs(capsys):
     """`compile` runs `compile-one` per mode in a fresh process; here one mode runs in this one
     (tests/test_fast_recipe.py compares static graphs with torch's default)."""
-    import bench_resolution
     import torch._dynamo
     from torch._dynamo.utils import counters
+
+    from tools import bench_resolution
     torch._dynamo.reset()
     counters.clear()
     assert bench_resolution.main(["compile-one", "--mode", "static", "--backend", "eager", "--device", "cpu",
@@ -231,7 +240,7 @@ def test_bench_resolution_counts_compiled_graphs(capsys):
 
 
 def test_time_to_accuracy_reads_the_first_validation_at_the_target(tmp_path, capsys):
-    import time_to_accuracy
+    from tools import time_to_accuracy
     rows = [{"kind": "config", "time": 100.0}, {"kind": "train", "time": 110.0},
             {"kind": "val", "epoch": 0, "top1": 50.0, "time": 120.0},
             {"kind": "val", "epoch": 1, "top1": 91.0, "time": 150.5},
@@ -243,3 +252,107 @@ def test_time_to_accuracy_reads_the_first_validation_at_the_target(tmp_path, cap
     assert result["total_seconds"] == 80.0
     assert time_to_accuracy.main([str(tmp_path), "--target", "99"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]["seconds_to_target"] is None
+
+
+# ---------------------------------------------------------------- the harness (fast: no tool is run)
+def test_every_bench_tool_registers_itself_and_make_bench_runs_its_registered_defaults():
+    from tools import benchlib
+    registry = benchlib.discover()
+    files = sorted(f for f in os.listdir(os.path.join(ROOT, "tools")) if f.startswith("bench_") and f != "bench_all.py")
+    assert sorted(os.path.basename(s.script) for s in registry.values() if s.name != "gpu") == files
+    assert os.path.basename(registry["gpu"].script) == "gpu_bench.py"
+    assert [name for name, s in registry.items() if s.argv] == ["make_shards", "loader", "overhead"]
+    ctx = benchlib.Context(workdir="/w", cores=3)
+    assert registry["make_shards"].command(registry["make_shards"].argv(ctx)) == [
+        "tools/bench_make_shards.py", "--workdir", "/w", "--keep"]
+
+
+def test_a_new_benchmark_is_one_file_and_its_rows_reach_the_table(tmp_path, monkeypatch):
+    """A benchmark registered with the harness runs under `make bench` and its rows make the table."""
+    from tools import bench_all, benchlib
+    script = tmp_path / "bench_fake.py"
+    script.write_text(
+        "import sys\n"
+        "from tools import benchlib\n"
+        "rounds = benchlib.alternate({'a': lambda: 3.0, 'b': lambda: 1.5}, 2, ' img/s')\n"
+        "a, b = benchlib.median(rounds['a']), benchlib.median(rounds['b'])\n"
+        "r, why = benchlib.ratio(a, b, {'a': {'cores': 1}, 'b': {'cores': 1}}, ['cores'])\n"
+        "benchlib.emit({'ratio': r, 'report': [benchlib.row('fake', 'a / b', r, 2, f'{a} vs {b}', sys.argv[1])]})\n")
+    monkeypatch.setitem(benchlib.REGISTRY, "fake", benchlib.Spec("fake", str(script), "a test benchmark",
+                                                                 argv=lambda ctx: [f"in {ctx.workdir}"]))
+    monkeypatch.setitem(benchlib.REGISTRY, "broken", benchlib.Spec("broken", str(tmp_path / "missing.py"), "",
+                                                                   argv=lambda ctx: []))
+    out = tmp_path / "r.json"
+    assert bench_all.main(["--only", "fake", "broken", "--out", str(out), "--workdir", str(tmp_path / "w")]) == 1
+    results = json.loads(out.read_text())
+    assert results["benchmarks"]["fake"]["result"]["ratio"] == 2.0
+    assert results["host"]["cores"] == len(os.sched_getaffinity(0))
+    md = (tmp_path / "r.md").read_text()
+    assert f"| fake | a / b | **2.000** | 2 | 3.0 vs 1.5 | in {tmp_path / 'w'} |" in md
+    assert "| broken | failed: exit 2: " in md and not (tmp_path / "w").exists()  # no --keep
+    with pytest.raises(SystemExit):
+        bench_all.main(["--only", "no_such_bench"])
+
+
+def test_timing_helpers_warm_up_alternate_and_take_medians():
+    from tools import benchlib
+    calls = []
+    assert benchlib.timed(lambda: calls.append(1), 0.0, warmup=2) > 0 and len(calls) == 3  # 2 warm-up + 1 timed
+    order = []
+    rounds = benchlib.alternate({"a": lambda: order.append("a") or 4.0, "b": lambda: order.append("b") or 2.0}, 3,
+                                echo=None)
+    assert order == ["a", "b"] * 3 and rounds == {"a": [4.0] * 3, "b": [2.0] * 3}
+    assert benchlib.median_ratio([2.0, 9.0, 3.0], [1.0, 3.0, 3.0]) == 2.0
+    batches = [(torch.zeros(4, 2), torch.zeros(4)) for _ in range(5)]
+    rate, n = benchlib.time_batches(batches, warmup=2, steps=10)
+    assert n == 3 * 4 and rate > 0
+
+
+def test_generated_data_is_made_once_per_settings(tmp_path):
+    from tools import benchlib
+    folder = str(tmp_path / "photos")
+    benchlib.demo_images(folder, 2, classes=2, val_per_class=1, image_size=(32, 24))
+    files = sorted(str(p) for p in (tmp_path / "photos").rglob("*.JPEG"))
+    assert len(files) == 2 * 2 + 2 * 1 and os.path.isfile(folder + ".made.json")
+    stamp = os.path.getmtime(files[0])
+    benchlib.demo_images(folder, 2, classes=2, val_per_class=1, image_size=(32, 24))
+    assert os.path.getmtime(files[0]) == stamp  # reused
+    benchlib.demo_images(folder, 1, classes=2, val_per_class=1, image_size=(32, 24))
+    assert len(list((tmp_path / "photos").rglob("*.JPEG"))) == 2 * 1 + 2 * 1  # other settings: made anew
+    shards = benchlib.demo_shards(folder, str(tmp_path / "wds"), 2)
+    assert os.path.isfile(os.path.join(shards, "_info.json"))
+
+
+def test_bench_loader_places_jitter_by_the_engine_rule(monkeypatch):
+    from types import SimpleNamespace
+
+    from tools import bench_loader
+    args = SimpleNamespace(color_jitter=0.4, jitter_in="workers", train_interpolation="bilinear")
+    assert bench_loader.jitter_in_workers(args) and not bench_loader.jitter_in_workers(args, plain=True)
+    assert not bench_loader.jitter_in_workers(SimpleNamespace(color_jitter=0.4, jitter_in="device"))
+    assert not bench_loader.jitter_in_workers(SimpleNamespace(color_jitter=0.0, jitter_in="workers"))
+    seen = []
+    monkeypatch.setattr(bench_loader, "jitter_place", lambda run, device: seen.append((run.loader, device)) or "device")
+    assert not bench_loader.jitter_in_workers(args) and seen == [("ours", "cpu")]
+    assert "colour jitter" not in bench_loader.augment_desc(args)
+
+
+def test_gpu_bench_table_comes_from_its_results():
+    from tools import benchlib, gpu_bench
+    results = {"compute": {"eager": {"fps": 812.5, "amp_dtype": "bfloat16", "peak_mem_gb": 20.1},
+                           "compile": {"error": "exit 1: boom"}},
+               "loader": {"ours-cpu": {"img_per_s": 1500.0, "settings": {"decoder": "torchvision", "cores": 15}},
+                          "dali-gpu": {"skipped": "DALI is not installed"}},
+               "e2e": {"ours-cpu": {"fps": 700.0, "compute_mode": "eager", "data_wait_fraction": 0.1}},
+               "ratios": {"e2e ours-cpu / compute eager": 0.8614}, "refused": {"loader x / y": "they differ"}}
+    gpu = {"command": "python tools/gpu_bench.py", "wall_s": 1, "result": {"report": gpu_bench.report_rows(results)}}
+    md = benchlib.table({"host": _host(), "benchmarks": {"gpu": gpu}})
+    assert "| compute-only | eager | **812.5** | | img/s | bfloat16, peak 20.1 GB |" in md
+    assert "| compute-only | compile | - | | img/s | exit 1: boom |" in md
+    assert "| loader-only | dali-gpu | skipped |" in md and "| ratio | e2e ours-cpu / compute eager | **0.861** |" in md
+    assert "| ratio | loader x / y | refused: they differ |" in md
+
+
+def _host():
+    return {"machine": "m1", "date": "2026-01-02 03:04 UTC", "cpu": "Example CPU", "cpu_flags": [], "fast_bf16": False,
+            "fast_bf16_forced": False, "cores": 2, "cpus": 2, "torch": "2.99.0", "python": "3.11.0", "gpu": None}

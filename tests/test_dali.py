@@ -317,8 +317,7 @@ def test_without_dali_the_user_gets_one_line(demo_shards, monkeypatch, capsys):
     assert err.count("\n") == 1 and err.startswith(
         "train_stream: error: --loader dali needs NVIDIA DALI, which is not installed: "
         "pip install -r requirements-dali.txt")
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import bench_loader  # the benchmark notes it and goes on
+    from tools import bench_loader  # the benchmark notes it and goes on
     assert bench_loader.main(["--data_path", str(demo_shards), "--loader", "dali", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "dali-cpu: skipped: --loader dali needs NVIDIA DALI" in out

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import run_folder
+from conftest import read_metrics, run_folder
 
 import train_stream
 from common.errors import ConfigError
@@ -359,7 +359,6 @@ def test_progressive_run_keeps_exact_epochs_and_resumes_at_any_epoch(demo_shards
     """32, 64 then 96 px (FFCV's get_resolution with min 32, max 96, ramp 0..2) in persistent
     workers: every epoch has its steps at its size; stopped after epoch 0 and after epoch 1 and
     resumed each time, the run follows the uninterrupted one."""
-    from tests.test_train import read_metrics
     common = ["--data_path", str(demo_shards), *SMALL, "-b", "16", "-j", "2", "--no-val", "--epochs", "3",
               "--min-res", "32", "--max-res", "96", "--start-ramp", "0", "--end-ramp", "2",
               "--sched", "linear-step", "--lr-peak-epoch", "1", "--sched-on-updates"]

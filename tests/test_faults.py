@@ -18,12 +18,22 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SMALL, child_env, read_metrics, replace_first_image, rewrite_shard, run_folder, torchrun_cmd
+from conftest import (
+    ROOT,
+    SMALL,
+    child_env,
+    copy_shards,
+    read_metrics,
+    replace_first_image,
+    rewrite_shard,
+    run_folder,
+    run_main,
+    torchrun_cmd,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import train_stream
 from common.errors import CheckpointError, DataError, DataLoadingError
 from dataprep import make_shards, verify_shards
 from engine.control import PREEMPTED_EXIT, Control, parse_interval
@@ -48,11 +58,6 @@ FAST_REMOTE = RemoteOptions(timeout=0.5, retries=1, backoff=0.1)
 CPU = Device("cpu")
 
 
-def copy_shards(src, dst):
-    shutil.copytree(src, dst)
-    return dst
-
-
 def set_labels(path, labels):
     """Give the first len(labels) samples of a shard these .cls payloads."""
     todo = list(labels)
@@ -60,12 +65,6 @@ def set_labels(path, labels):
     def change(name, data):
         return todo.pop(0) if name.endswith(".cls") and todo else data
     rewrite_shard(path, change)
-
-
-def run_main(args, capsys):
-    code = train_stream.main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error_line(err):

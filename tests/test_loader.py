@@ -10,7 +10,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import garble_first_image
+from conftest import copy_shards, garble_first_image
 
 from common.errors import DataLoadingError
 from pipeline.info import DataError, check_local_shards, load_info
@@ -58,11 +58,6 @@ def all_keys(split):
         with open(url, "rb") as f:
             keys += [hashlib.md5(s["jpg"]).hexdigest() for s in iter_samples(f)]
     return keys
-
-
-def copy_shards(src, dst):
-    shutil.copytree(src, dst)
-    return dst
 
 
 def test_batches_are_uint8_nhwc_with_exact_step_count(demo_shards):

@@ -2,11 +2,11 @@
 EMA, clipping, drop path, fine-tuning weights, validation interval and batch, class count,
 per-update LR, distributed BN statistics."""
 import copy
-import json
 import os
 
 import pytest
 import torch
+from conftest import read_metrics
 
 import train_stream
 from engine.config import parse_args
@@ -24,11 +24,6 @@ REFERENCE = dict(model="gluon_resnet50_v1b", batch_size=256, sched="cosine", epo
                  weight_decay=1e-4, warmup_epochs=3, warmup_lr=1e-4, min_lr=1e-5, sched_on_updates=False,
                  smoothing=0.1, color_jitter=0.4, train_interpolation="random", seed=42, img_size=224,
                  crop_pct=0.875, interpolation="bicubic", mixup=0.0, cutmix=0.0, reprob=0.0)
-
-
-def read_metrics(folder):
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_defaults_are_the_reference_run():

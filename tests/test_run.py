@@ -9,19 +9,13 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SMALL, read_metrics, run_folder
+from conftest import ROOT, SMALL, read_metrics, run_folder, run_main
 
 import train_stream
 from engine.config import build_parser, parse_args
 from model import registry
 
 TRAIN = [*SMALL, "--epochs", "2", "--warmup-epochs", "0"]
-
-
-def run_main(args, capsys):
-    code = train_stream.main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def runs_in(root):

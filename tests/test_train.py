@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import SMALL, read_metrics, run_folder, torchrun
+from conftest import SMALL, read_metrics, run_folder, run_main, torchrun
 
 import engine.data
 import train_stream
@@ -61,12 +61,6 @@ def test_resume_continues_at_next_epoch_and_matches(ddp_runs):
     wb = torch.load(base / "resumed" / "last.pth", weights_only=True)["model"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
-
-
-def run_main(args, capsys):
-    code = train_stream.main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_performance_json_is_the_last_line(demo_shards, capsys):
@@ -147,6 +141,7 @@ def test_unreadable_data_is_a_clear_error_not_a_hang(workers, demo_shards, tmp_p
     assert "Traceback" not in error and len(error.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # 100 training steps
 def test_synthetic_training_runs_through_fit(tmp_path, capsys):
     """The loader contract through the training loop: synthetic batches report every counter."""
     code, out, err = run_main(["--synthetic", *SMALL, "--epochs", "1", "--warmup-epochs", "0",

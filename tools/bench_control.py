@@ -14,14 +14,13 @@ back to back. Last stdout line: JSON with `check_us_per_step` and `overhead` (fr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
-import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script: the repository's packages are importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -30,6 +29,9 @@ import torch.multiprocessing as mp  # noqa: E402
 from engine.control import Control  # noqa: E402
 from engine.dist import Dist  # noqa: E402
 from model.device import Device  # noqa: E402
+from tools import benchlib  # noqa: E402
+
+benchlib.register(benchlib.Spec("control", __file__, "per-step cost of the preemption check (gloo, 2 processes)"))
 
 
 def _work(a: torch.Tensor, n: int) -> None:
@@ -105,14 +107,19 @@ def main(argv=None) -> int:
     plain, checked, alone = out.get()
     for r, (a, b) in enumerate(zip(plain, checked)):
         print(f"round {r}: step {a * 1e3:.3f} ms plain, {b * 1e3:.3f} ms with the check", flush=True)
-    a, b = statistics.median(plain), statistics.median(checked)
+    a, b = benchlib.median(plain), benchlib.median(checked)
     result = {"step_ms": round(a * 1e3, 3), "step_with_check_ms": round(b * 1e3, 3),
               "check_us_per_step": round((b - a) * 1e6, 1), "overhead": round(b / a - 1, 4),
               "poll_alone_us": round(alone * 1e6, 1), "procs": args.procs, "steps": args.steps,
-              "work_ms": args.work_ms, "idle": args.idle, "rounds": args.rounds, "torch": torch.__version__}
+              "work_ms": args.work_ms, "idle": args.idle, "rounds": args.rounds, "torch": torch.__version__,
+              "host": benchlib.host()}
+    result["report"] = [benchlib.row("preemption check", "step time with / without the check - 1", result["overhead"],
+                                     args.rounds, f"{b * 1e3:.3f} vs {a * 1e3:.3f} ms per step",
+                                     f"{args.procs} gloo processes, {args.work_ms:g} ms "
+                                     f"{'idle' if args.idle else 'compute'} per step", fmt="+.2%")]
     print(f"median step {a * 1e3:.3f} ms, with the check {b * 1e3:.3f} ms: {(b - a) * 1e6:+.1f} us per step "
           f"({b / a - 1:+.2%}); poll() alone {alone * 1e6:.1f} us")
-    print(json.dumps(result))
+    benchlib.emit(result)
     return 0
 
 

@@ -13,32 +13,22 @@ is printed beside it. The last stdout line is JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import statistics
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script: the repository's packages are importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 from model.device import resolve_device  # noqa: E402
 from pipeline.augment import ColorJitter, WorkerColorJitter  # noqa: E402
 from pipeline.prefetch import Normalize  # noqa: E402
+from tools import benchlib  # noqa: E402
+from tools.benchlib import timed  # noqa: E402
 
-
-def timed(fn, seconds: float, sync=lambda: None) -> float:
-    """Seconds per call, after two warm-up calls, over at least `seconds`."""
-    fn(), fn()
-    sync()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        fn()
-        n += 1
-    sync()
-    return (time.perf_counter() - t0) / n
+benchlib.register(benchlib.Spec("jitter", __file__, "colour jitter per image in a worker vs batched on the device"))
 
 
 def worker_us(size: int, seconds: float) -> float:
@@ -70,21 +60,27 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternate and report medians")
     args = p.parse_args(argv)
     dev = resolve_device(args.device)
-    workers, devices, norms = [], [], []
-    for r in range(args.rounds):
-        workers.append(worker_us(args.img_size, args.seconds))
-        d, n = device_us(dev, args.batch_size, args.img_size, args.seconds)
-        devices.append(d)
-        norms.append(n)
-        print(f"round {r}: worker {workers[-1]:.1f} us/image, device {devices[-1]:.2f} us/image "
-              f"(normalisation alone {norms[-1]:.2f})", flush=True)
-    w, d, n = statistics.median(workers), statistics.median(devices), statistics.median(norms)
+    device_only = {}
+
+    def on_device() -> float:
+        d, device_only["n"] = device_us(dev, args.batch_size, args.img_size, args.seconds)
+        return d
+
+    def normalise_only() -> float:  # measured with the jitter, in the same call
+        return device_only["n"]
+    rounds = benchlib.alternate({"worker": lambda: worker_us(args.img_size, args.seconds), "device": on_device,
+                                 "normalisation alone": normalise_only}, args.rounds, " us/image")
+    w, d, n = (benchlib.median(rounds[k]) for k in ("worker", "device", "normalisation alone"))
     print(f"colour jitter per image: in a worker {w:.1f} us (one core), on {dev.name()} {d:.2f} us with the "
           f"normalisation ({d - n:.2f} us for the jitter), batch {args.batch_size}: workers / device {w / d:.1f}")
-    print(json.dumps({"worker_us_per_image": round(w, 2), "device_us_per_image": round(d, 3),
-                      "device_normalise_only_us_per_image": round(n, 3), "workers_over_device": round(w / d, 2),
-                      "device": dev.type, "device_name": dev.name(), "batch_size": args.batch_size,
-                      "img_size": args.img_size, "rounds": args.rounds, "torch": torch.__version__}))
+    report = [benchlib.row("colour jitter", "worker / device time per image", round(w / d, 2), args.rounds,
+                           f"{w:.1f} vs {d:.2f} us", f"{dev.name()}, batch {args.batch_size}, {args.img_size} px, "
+                           "worker on one thread", fmt=".1f")]
+    benchlib.emit({"worker_us_per_image": round(w, 2), "device_us_per_image": round(d, 3),
+                   "device_normalise_only_us_per_image": round(n, 3), "workers_over_device": round(w / d, 2),
+                   "device": dev.type, "device_name": dev.name(), "batch_size": args.batch_size,
+                   "img_size": args.img_size, "rounds": args.rounds, "torch": torch.__version__,
+                   "host": benchlib.host(), "report": report})
     return 0
 
 

@@ -35,31 +35,46 @@ stdout line is a JSON object: `rows`, `ratios`, `refused`, `host`.
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 import os
 import statistics
 import sys
-import time
 from itertools import islice
+from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script: the repository's packages are importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 from common.compare import mismatch  # noqa: E402
 from common.errors import DataError, UserError  # noqa: E402
 from common.host import usable_cores  # noqa: E402
-from engine.runtime import describe_host, host_facts, resolve_workers  # noqa: E402
+from engine.config import jitter_place  # noqa: E402
+from engine.runtime import resolve_workers  # noqa: E402
 from pipeline.augment import WorkerColorJitter  # noqa: E402
 from pipeline.info import check_local_shards, load_info  # noqa: E402
 from pipeline.loader import create_loader  # noqa: E402
 from pipeline.shards import iter_samples, open_shard  # noqa: E402
 from pipeline.stream import image_and_label  # noqa: E402
 from pipeline.transforms import TrainTransform  # noqa: E402
+from tools import benchlib  # noqa: E402
+from tools.benchlib import LOADER_KEYS, time_batches  # noqa: E402
 
 AUGMENT = "RandomResizedCrop(0.08-1, 3/4-4/3) + flip"
-LOADER_KEYS = ("cores", "batch_size", "img_size", "augment", "output")  # loader vs loader
 CEILING_KEYS = ("cores", "img_size", "augment", "decoder", "device")  # ours vs one core x cores
+
+
+def bench_argv(ctx: benchlib.Context) -> list[str]:
+    """`make bench`: the make_shards benchmark's 4,000 photos, 100 per shard, on every core,
+    against the ceiling, timm's loader and DALI's CPU pipeline."""
+    src = benchlib.bench_images(ctx.workdir, 4000)
+    shards = benchlib.demo_shards(src, os.path.join(ctx.workdir, "wds-4000"), 100)
+    return ["--data_path", shards, "-j", str(ctx.cores), "--loader", "ours", "timm", "dali"]
+
+
+benchlib.register(benchlib.Spec("loader", __file__, "loader img/s: ours against the decode ceiling, timm, DALI",
+                                argv=bench_argv, order=20))
 
 
 def sample_bytes(split, n: int):
@@ -74,7 +89,10 @@ def sample_bytes(split, n: int):
 
 
 def jitter_in_workers(args, plain: bool = False) -> bool:
-    return not plain and args.color_jitter > 0 and args.jitter_in == "workers"
+    """train_stream.py's own rule (engine.config.jitter_place) for our CPU-decoding loader."""
+    run = SimpleNamespace(color_jitter=args.color_jitter, aa=None, jitter_in=args.jitter_in, loader="ours",
+                          decode="cpu", synthetic=False)
+    return not plain and jitter_place(run, "cpu") == "workers"
 
 
 def worker_augment(args, plain: bool = False):
@@ -98,13 +116,8 @@ def one_core_rate(split, img_size: int, decoder: str, seconds: float, interpolat
         datas = sample_bytes(split, 256)
         tf = TrainTransform(img_size, decoder=decoder, interpolation=interpolation, augment=augment)
         out, rng = torch.empty((img_size, img_size, 3), dtype=torch.uint8), random.Random(0)
-        for d in datas[:16]:
-            tf(d, out, rng)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            tf(datas[n % len(datas)], out, rng)
-            n += 1
-        return n / (time.perf_counter() - t0)
+        images = itertools.cycle(datas)
+        return 1 / benchlib.timed(lambda: tf(next(images), out, rng), seconds, warmup=16)
     finally:
         torch.set_num_threads(threads)
 
@@ -124,18 +137,6 @@ def worker_rss_mb(parent: int) -> float:
         except (OSError, StopIteration, ValueError):
             continue
     return total / 1024
-
-
-def time_batches(batches, warmup: int, steps: int, sync=lambda: None):
-    it = iter(batches)
-    for _ in islice(it, warmup):
-        pass
-    sync()
-    n, t0 = 0, time.perf_counter()
-    for b in islice(it, steps):
-        n += len(b[1]) if isinstance(b, (tuple, list)) else len(b)
-    sync()
-    return n / (time.perf_counter() - t0), n
 
 
 def settings(args, loader: str, decode: str, device: str, workers: int, plain: bool = False, **extra) -> dict:
@@ -277,8 +278,8 @@ def main(argv=None) -> int:
         return 2
     args.workers = resolve_workers(args.workers)
     args.cores = min(args.workers, usable_cores()) if args.workers > 0 else 1
-    host = host_facts()
-    print(f"host: {describe_host(host)}", flush=True)
+    host = benchlib.host()
+    print(f"host: {benchlib.describe(host)}", flush=True)
 
     rows = {}
     for name, loader, decode in rows_to_run(args):
@@ -360,14 +361,34 @@ def main(argv=None) -> int:
                 print(f"{a}/{b}: no ratio: {why}")
             elif b == "plain":  # rounds alternate: the median of the per-round ratios is steadier
                 per_round = [x / y for x, y in zip(rows[a]["rounds"], rows[b]["rounds"])]
-                result["ratios"][f"{a}/{b}"] = round(statistics.median(per_round), 3)
+                result["ratios"][f"{a}/{b}"] = round(benchlib.median_ratio(rows[a]["rounds"], rows[b]["rounds"]), 3)
                 result["ratios"][f"{a}/{b} rounds"] = [round(x, 3) for x in per_round]
-                print(f"{a}/{b}: {statistics.median(per_round):.3f} (median of the per-round ratios)")
+                print(f"{a}/{b}: {result['ratios'][f'{a}/{b}']:.3f} (median of the per-round ratios)")
             else:
                 result["ratios"][f"{a}/{b}"] = round(rate_a / rate_b, 3)
                 print(f"{a}/{b}: {rate_a / rate_b:.3f}")
-    print(json.dumps(result))
+    result["report"] = report_rows(result)
+    benchlib.emit(result)
     return 0
+
+
+def report_rows(result: dict) -> list[dict]:
+    """The Markdown rows: each ratio (or why it was refused) with both rates and the settings."""
+    rows, out = result["rows"], []
+    for name, value in [*result["ratios"].items(), *result["refused"].items()]:
+        if name.endswith(" rounds"):
+            continue
+        a, c = name.split("/")
+        s = rows[a]["settings"]
+        refused = value if isinstance(value, str) else None
+        out.append(benchlib.row("loader", f"{a} / {c}", None if refused else value, result["rounds"],
+                                f"{rows[a]['img_per_s']} vs {rows[c]['img_per_s']} img/s",
+                                f"{s['cores']} cores, {s['img_size']} px, batch {s['batch_size']}, "
+                                f"{s['decoder']} vs {rows[c]['settings']['decoder']}", refused=refused))
+    for name, row in rows.items():
+        if "skipped" in row:
+            out.append(benchlib.skipped_row("loader", name, row["skipped"]))
+    return out
 
 
 if __name__ == "__main__":

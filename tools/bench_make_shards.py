@@ -26,12 +26,16 @@ import time
 
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script: the repository's packages are importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.compare import mismatch  # noqa: E402
 from common.host import usable_cores  # noqa: E402
-from dataprep.demo import make_demo_data  # noqa: E402
 from pipeline.jpeg import jpeg_frame  # noqa: E402
 from pipeline.shards import tar_members  # noqa: E402
+from tools import benchlib  # noqa: E402
+
+benchlib.register(benchlib.Spec("make_shards", __file__, "make_shards against `tar -cf` on the same photos",
+                                argv=lambda ctx: ["--workdir", ctx.workdir, "--keep"], order=10))
 
 CLASSES = 20
 SIDE_KEYS = ("images", "skipped", "transcoded", "cache")  # what tar and make_shards must share for a ratio
@@ -55,21 +59,16 @@ print(json.dumps({"rc": rc, "parent_kb": int(hwm.split()[1]),
 
 
 def make_data(workdir, n):
-    """A 2N-image demo folder and an N-image one made of hard links to half of it."""
-    big, small = os.path.join(workdir, "data-2n"), os.path.join(workdir, "data-n")
-    marker = os.path.join(workdir, f"made-{n}")
-    if not os.path.exists(marker):
-        shutil.rmtree(big, ignore_errors=True)
-        shutil.rmtree(small, ignore_errors=True)
-        per_class = 2 * n // CLASSES
-        make_demo_data(big, num_classes=CLASSES, train_per_class=per_class * 9 // 10,
-                       val_per_class=per_class - per_class * 9 // 10, odd_images=False)
-        for d, _, files in os.walk(big):
-            target = d.replace(big, small, 1)
-            os.makedirs(target, exist_ok=True)
-            for f in sorted(files)[: (len(files) + 1) // 2]:
-                os.link(os.path.join(d, f), os.path.join(target, f))
-        open(marker, "w").close()
+    """The 2N-image `make bench` photos (benchlib.bench_images) and an N-image folder made of hard
+    links to half of them."""
+    big = benchlib.bench_images(workdir, 2 * n, CLASSES)
+    small = os.path.join(workdir, f"half-of-{2 * n}")
+    shutil.rmtree(small, ignore_errors=True)  # links are cheap: always in step with the big folder
+    for d, _, files in os.walk(big):
+        target = d.replace(big, small, 1)
+        os.makedirs(target, exist_ok=True)
+        for f in sorted(files)[: (len(files) + 1) // 2]:
+            os.link(os.path.join(d, f), os.path.join(target, f))
     return {"n": small, "2n": big}
 
 
@@ -177,9 +176,8 @@ def main(argv=None):
         t = time.perf_counter()
         data = make_data(workdir, args.images)
         print(f"data ready in {time.perf_counter() - t:.1f} s under {workdir}")
-        from engine.runtime import describe_host, host_facts  # the machine, as every benchmark names it
-        host = host_facts()
-        print(f"host: {describe_host(host)}", flush=True)
+        host = benchlib.host()
+        print(f"host: {benchlib.describe(host)}", flush=True)
         result = {"workers": usable_cores(), "repeats": args.repeats, "sizes": {}, "host": host, "refused": {}}
         for label, root in data.items():
             count, nbytes = folder_stats(root)
@@ -218,11 +216,27 @@ def main(argv=None):
         result["write_us_per_image"] = writer_costs(data["n"])
         print("check cost per image (us):", result["check_us_per_image"])
         print("write cost per image into memory (us):", result["write_us_per_image"])
-        print(json.dumps(result))
+        result["report"] = report_rows(result)
+        benchlib.emit(result)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def report_rows(result: dict) -> list[dict]:
+    out = []
+    for label, row in result["sizes"].items():
+        ours = row["sides"]["make_shards"]
+        measure = f"{label.upper()} = {row['images']:,} images: make_shards / `tar -cf` time"
+        out.append(benchlib.row("make_shards", measure, row["ratio"], result["repeats"],
+                                f"{row['make_shards_s']} s vs {row['tar_s']} s",
+                                f"{ours['processes']} workers vs 1 process, {row['mb']} MB, warm cache", fmt=".2f",
+                                refused=result["refused"].get(label)))
+    if "marginal_ratio" in result:
+        out.append(benchlib.row("make_shards", "2N - N: marginal time ratio", result["marginal_ratio"],
+                                result["repeats"], "", "cost of the extra N images alone", fmt=".2f"))
+    return out
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ import contextlib
 import io
 import json
 import os
-import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script: the repository's packages are importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
@@ -36,8 +36,12 @@ from common.compare import mismatch  # noqa: E402
 from engine.cli import main as train_stream_main  # noqa: E402
 from engine.config import parse_args  # noqa: E402
 from engine.dist import setup_distributed  # noqa: E402
-from engine.runtime import compute_settings, configure_torch, describe_host, host_facts, precision_for  # noqa: E402
+from engine.runtime import compute_settings, configure_torch, precision_for  # noqa: E402
 from model.factory import create_model  # noqa: E402
+from tools import benchlib  # noqa: E402
+
+benchlib.register(benchlib.Spec("overhead", __file__, "per-step overhead of train_stream.py against a bare loop",
+                                argv=lambda ctx: [], order=30))
 
 NUM_CLASSES = 1000  # train_stream --synthetic without --data_path
 
@@ -111,18 +115,22 @@ def main(argv=None) -> int:
     p.add_argument("--amp-dtype", default=None, choices=("bfloat16", "float16"),
                    help="as train_stream.py's --amp-dtype (both sides); default: its own choice")
     args = p.parse_args(argv)
-    host = host_facts()
-    print(f"host: {describe_host(host)}", flush=True)
-    bare, mine = [], []
-    for r in range(args.rounds):
-        rate, bare_settings = bare_loop(args)
-        bare.append(rate)
-        rate, our_settings = ours(args)
-        mine.append(rate)
-        print(f"round {r}: bare {bare[-1]:.1f} img/s, train_stream {mine[-1]:.1f} img/s", flush=True)
+    host = benchlib.host()
+    print(f"host: {benchlib.describe(host)}", flush=True)
+    settings = {}
+
+    def measure(name, side):
+        def run() -> float:
+            rate, settings[name] = side(args)
+            return rate
+        return run
+    rounds = benchlib.alternate({"bare": measure("bare", bare_loop), "train_stream": measure("train_stream", ours)},
+                                args.rounds, " img/s")
+    bare, mine = rounds["bare"], rounds["train_stream"]
+    bare_settings, our_settings = settings["bare"], settings["train_stream"]
     sides = {"bare": bare_settings, "train_stream": our_settings}
     refused = mismatch(sides, sorted(set(bare_settings) | set(our_settings)))
-    b, m = statistics.median(bare), statistics.median(mine)
+    b, m = benchlib.median(bare), benchlib.median(mine)
     result = {"bare_img_per_s": round(b, 2), "train_stream_img_per_s": round(m, 2),
               "overhead": None if refused else round(b / m - 1, 4), "model": args.model,
               "img_size": args.img_size, "batch_size": args.batch_size, "steps": args.steps,
@@ -136,7 +144,14 @@ def main(argv=None) -> int:
         print(f"no overhead ratio: {refused}")
     else:
         print(f"per-step overhead {b / m - 1:+.1%}")
-    print(json.dumps(result))
+    s = our_settings
+    result["report"] = [benchlib.row(
+        "training step overhead", "bare / train_stream time - 1", result["overhead"], args.rounds,
+        f"{result['bare_img_per_s']} vs {result['train_stream_img_per_s']} img/s",
+        f"{s['model']}, {s['img_size']} px, batch {s['batch_size']}, {s['amp_dtype']}, "
+        f"{'channels-last' if s['channels_last'] else 'NCHW'}, {s['threads']} threads, both sides",
+        fmt="+.1%", refused=refused)]
+    benchlib.emit(result)
     return 0
 
 

@@ -30,7 +30,6 @@ import contextlib
 import io
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,11 +37,16 @@ import time
 from itertools import islice
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, HERE)
+if __package__ in (None, ""):  # run as a script: the repository's packages are importable
+    sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
-from engine.runtime import compute_settings, configure_torch, describe_host, host_facts, resolve_workers  # noqa: E402
+from engine.runtime import compute_settings, configure_torch, resolve_workers  # noqa: E402
+from tools import benchlib  # noqa: E402
+
+benchlib.register(benchlib.Spec("resolution", __file__, "what progressive resizing buys: compute, data, loader, "
+                                "compile"))
 
 
 def _ratios(rates: dict, base) -> dict:
@@ -72,17 +76,15 @@ def compute(args) -> dict:
     for s in args.sizes:  # warm-up (and compilation) at every size before any timing
         for i in range(args.warmup):
             trainer.step(batches[s], labels, i)
-    rounds = {s: [] for s in args.sizes}
-    for r in range(args.rounds):
-        for s in args.sizes:
-            dev.synchronize()
-            t0 = time.perf_counter()
-            for i in range(args.steps):
-                trainer.step(batches[s], labels, i)
-            dev.synchronize()
-            rounds[s].append(args.steps * args.batch_size / (time.perf_counter() - t0))
-        print(f"round {r}: " + ", ".join(f"{s} px {rounds[s][-1]:.1f} img/s" for s in args.sizes), flush=True)
-    rates = {str(s): round(statistics.median(v), 2) for s, v in rounds.items()}
+    def rate(s: int) -> float:
+        dev.synchronize()
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            trainer.step(batches[s], labels, i)
+        dev.synchronize()
+        return args.steps * args.batch_size / (time.perf_counter() - t0)
+    rounds = benchlib.alternate({f"{s} px": lambda s=s: rate(s) for s in args.sizes}, args.rounds, " img/s")
+    rates = {str(s): round(benchlib.median(rounds[f"{s} px"]), 2) for s in args.sizes}
     base = str(args.sizes[-1])
     return {"img_per_s": rates, f"vs_{base}": _ratios(rates, base),
             f"pixels_{base}_over": {str(s): round((args.sizes[-1] / s) ** 2, 4) for s in args.sizes},
@@ -94,12 +96,8 @@ def compute(args) -> dict:
 # ---------------------------------------------------------------- data
 def data(args) -> dict:
     from dataprep import make_shards
-    from dataprep.demo import make_demo_data
-    src = os.path.join(args.dir, "photos")
-    if not os.path.isdir(os.path.join(src, "train")):
-        per_class = max(1, args.images // 10)
-        make_demo_data(src, num_classes=10, train_per_class=per_class, val_per_class=1, seed=0,
-                       image_size=tuple(args.image_size), odd_images=False)
+    src = benchlib.demo_images(os.path.join(args.dir, "photos"), max(1, args.images // 10), classes=10,
+                               val_per_class=1, image_size=args.image_size)
     result = {"image_size": args.image_size}
     for name, extra in (("full", {}), ("500", {"resize_max": 500, "jpeg_quality": 90})):
         out = os.path.join(args.dir, f"{name}-wds")
@@ -141,13 +139,9 @@ def loader(args) -> dict:
             pass
         return n / elapsed
 
-    rounds = {key: [] for key in loaders}
-    for r in range(args.rounds):
-        for key in loaders:
-            rounds[key].append(rate(key))
-        print(f"round {r}: " + ", ".join(f"{os.path.basename(p.rstrip('/'))} {s} px {rounds[p, s][-1]:.1f} img/s"
-                                         for p, s in loaders), flush=True)
-    rates = {f"{p}@{s}": round(statistics.median(v), 2) for (p, s), v in rounds.items()}
+    names = {key: f"{os.path.basename(key[0].rstrip('/'))} {key[1]} px" for key in loaders}
+    rounds = benchlib.alternate({names[key]: lambda key=key: rate(key) for key in loaders}, args.rounds, " img/s")
+    rates = {f"{p}@{s}": round(benchlib.median(rounds[names[p, s]]), 2) for p, s in loaders}
     base, first = args.sizes[-1], args.data_path[0]
     by_size = {p: _ratios({str(s): rates[f"{p}@{s}"] for s in args.sizes}, str(base)) for p in args.data_path}
     by_data = {str(s): _ratios({p: rates[f"{p}@{s}"] for p in args.data_path}, first) for s in args.sizes}
@@ -220,6 +214,25 @@ def compile_modes(args) -> dict:
             "backend": args.backend, "device": args.device}
 
 
+def report_rows(command: str, result: dict) -> list[dict]:
+    """The Markdown rows of compute and loader: img/s at each size against the last size."""
+    out = []
+    if command == "compute":
+        base = next(k for k in result if k.startswith("vs_"))
+        for size, value in result[base].items():
+            out.append(benchlib.row("image size, compute", f"{size} px / {base[3:]} px img/s", value, result["rounds"],
+                                    f"{result['img_per_s'][size]} img/s", f"{result['model']}, batch "
+                                    f"{result['batch_size']}, {result['settings']['amp_dtype']}"))
+    elif command == "loader":
+        base = next(k for k in result if k.startswith("vs_") and k.endswith("px"))
+        for path, by_size in result[base].items():
+            for size, value in by_size.items():
+                out.append(benchlib.row("image size, loader", f"{size} px / {base[3:]} img/s", value, result["rounds"],
+                                        f"{result['img_per_s'][f'{path}@{size}']} img/s",
+                                        f"{os.path.basename(path.rstrip('/'))}, {result['workers']} workers"))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -264,9 +277,10 @@ def main(argv=None) -> int:
            "compile-one": compile_one}[args.command]
     result = run(args)
     if args.command != "compile-one":
-        result["host"] = host_facts()
-        print(f"host: {describe_host(result['host'])}")
-    print(json.dumps(result))
+        result["host"] = benchlib.host()
+        result["report"] = report_rows(args.command, result)
+        print(f"host: {benchlib.describe(result['host'])}")
+    benchlib.emit(result)
     return 0
 
 

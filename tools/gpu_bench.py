@@ -20,8 +20,8 @@ channels-last, threads and workers as train_stream.py does (it is train_stream.p
 bench_loader.py resolving workers the same way), and reports them; a ratio is printed only when
 both sides ran the same settings (same model, classes, image size, batch, precision, layout,
 threads, compile mode), else one line says why.
-Prints a table, writes everything to --out as JSON, and ends stdout with one JSON line of the
-headline numbers.
+Prints a table, writes everything to --out as JSON and its Markdown table beside it (.md), and
+ends stdout with one JSON line of the headline numbers.
 """
 from __future__ import annotations
 
@@ -34,21 +34,23 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, HERE)
+if __package__ in (None, ""):  # run as a script: the repository's packages are importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.compare import mismatch  # noqa: E402
-from engine.runtime import describe_host, host_facts, resolve_workers  # noqa: E402
+from engine.runtime import describe_host, resolve_workers  # noqa: E402
 from pipeline.dali import dali_missing  # noqa: E402
+from tools import benchlib  # noqa: E402
+from tools.benchlib import LOADER_KEYS  # noqa: E402
 
-LOADER_KEYS = ("cores", "batch_size", "img_size", "augment", "output")  # loader vs loader, as bench_loader
+benchlib.register(benchlib.Spec("gpu", __file__, "compute-only, loader-only and end-to-end training FPS on one GPU"))
 # what must match between an end-to-end run and the compute-only run it is divided by
 COMPUTE_KEYS = ("device", "amp_dtype", "amp_mode", "channels_last", "threads", "fast_bf16", "cudnn_benchmark",
                 "tf32", "model", "img_size", "batch_size", "num_classes", "compile", "compile_mode")
 
 
 def environment() -> dict:
-    env = host_facts()
+    env = benchlib.host()
     env.update(device=env["gpu"] or "cpu", driver=None)
     if env["gpu"]:
         try:
@@ -61,34 +63,21 @@ def environment() -> dict:
 
 
 def run_json(cmd, timeout: float) -> dict:
-    """Run a tool that ends its stdout with one JSON line; {'error': ...} if it fails."""
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=timeout,
-                           cwd=HERE, env=dict(os.environ, PYTHONPATH=HERE))
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = p.stdout.strip().splitlines()
-    if p.returncode != 0 or not lines or not lines[-1].startswith("{"):
-        tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {p.returncode}: {tail}"}
-    result = json.loads(lines[-1])
-    result["wall_s"] = round(time.perf_counter() - t0, 1)
-    return result
+    """Run a tool that ends its stdout with one JSON line: that object with `wall_s`, or {'error': ...}."""
+    entry = benchlib.run_tool(cmd, timeout)
+    if "error" in entry:
+        return {"error": entry["error"]}
+    return dict(entry["result"], wall_s=entry["wall_s"])
 
 
 def make_data(root: str, images: int, size, workers: int) -> str:
-    from dataprep import make_shards
-    from dataprep.demo import make_demo_data
-    src, out = os.path.join(root, "bench"), os.path.join(root, "bench-wds")
-    if not os.path.isfile(os.path.join(out, "_info.json")):
-        per_class = max(2, images // 10)
-        make_demo_data(src, num_classes=10, train_per_class=per_class, val_per_class=2, seed=0,
-                       image_size=size, odd_images=False)
-        # at least two shards per worker so every worker streams from the start
-        max_count = max(8, (10 * per_class) // max(2, 2 * workers))
-        make_shards(src, out, max_count=max_count, workers=workers, progress=False)
-    return out
+    out = os.path.join(root, "bench-wds")
+    if os.path.isfile(os.path.join(out, "_info.json")):
+        return out
+    per_class = max(2, images // 10)
+    src = benchlib.demo_images(os.path.join(root, "bench"), per_class, classes=10, val_per_class=2, image_size=size)
+    # at least two shards per worker so every worker streams from the start
+    return benchlib.demo_shards(src, out, max(8, (10 * per_class) // max(2, 2 * workers)), workers=workers)
 
 
 def compute_side(r: dict) -> dict:
@@ -151,10 +140,11 @@ def main(argv=None) -> int:
         results["compute"][name] = r
         print(f"compute-only {name}: {r.get('fps', r.get('error'))}", flush=True)
 
-    loader = ["tools/bench_loader.py", "--data_path", data, "-j", str(workers), "-b", str(args.batch_size),
+    bench_loader = benchlib.discover()["loader"]
+    loader = bench_loader.command(["--data_path", data, "-j", str(workers), "-b", str(args.batch_size),
               "--img-size", str(args.img_size), "--steps", str(max(args.steps // 2, 2)),
               "--warmup", str(max(args.warmup // 3, 1)), "--ceiling-seconds", "2" if args.tiny else "5",
-              "--rounds", "1", "--loader", "ours", *([] if args.no_dali else ["dali"]), "--decode", "cpu", "gpu"]
+              "--rounds", "1", "--loader", "ours", *([] if args.no_dali else ["dali"]), "--decode", "cpu", "gpu"])
     r = run_json(loader, 2 * args.stage_timeout)
     results["loader"] = r.get("rows", {"ours-cpu": r, "ours-gpu": r})  # an error fills both rows
     results["loader_ratios"], results["loader_refused"] = r.get("ratios", {}), r.get("refused", {})
@@ -198,9 +188,15 @@ def main(argv=None) -> int:
         else:
             results["ratios"][key] = round(e["fps"] / base["fps"], 4)
     print_table(results)
+    results["report"] = report_rows(results)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    md = os.path.splitext(args.out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(benchlib.table({"host": env, "benchmarks": {"gpu": {
+            "command": " ".join(["python", "tools/gpu_bench.py", *(argv if argv is not None else sys.argv[1:])]),
+            "wall_s": round(time.perf_counter() - t0, 1), "result": results}}}, title="GPU benchmark (`gpu_bench.py`)"))
+    print(f"wrote {args.out} and {md}")
     print(json.dumps(summary(results)))
     if not args.data_dir:
         shutil.rmtree(root, ignore_errors=True)
@@ -215,6 +211,32 @@ def summary(results: dict) -> dict:
     out.update({f"loader_{k}_img_per_s": v.get("img_per_s") for k, v in results["loader"].items()})
     out.update({f"e2e_{k}_fps": v.get("fps") for k, v in results["e2e"].items()})
     out["ratios"], out["refused"] = results["ratios"], results["refused"]
+    return out
+
+
+def report_rows(results: dict) -> list[dict]:
+    """The Markdown rows: every rate (img/s) and every ratio, or why a ratio was refused."""
+    out = []
+    for name, r in results["compute"].items():
+        out.append(benchlib.row("compute-only", name, r.get("fps"), "", "img/s", r.get("error") or
+                                f"{r.get('amp_dtype')}, peak {r.get('peak_mem_gb')} GB", fmt=".1f"))
+    for name, r in results["loader"].items():
+        if "skipped" in r:
+            out.append(benchlib.skipped_row("loader-only", name, r["skipped"]))
+            continue
+        s = r.get("settings", {})
+        out.append(benchlib.row("loader-only", name, r.get("img_per_s"), 1, "img/s",
+                                r.get("error") or f"{s.get('decoder')}, {s.get('cores')} cores", fmt=".1f"))
+    for name, e in results["e2e"].items():
+        if "skipped" in e:
+            out.append(benchlib.skipped_row("end-to-end", name, e["skipped"]))
+            continue
+        out.append(benchlib.row("end-to-end", name, e.get("fps"), "", "img/s", e.get("error") or
+                                f"{e.get('compute_mode')}, data wait {e.get('data_wait_fraction')}", fmt=".1f"))
+    for name, value in results["ratios"].items():
+        out.append(benchlib.row("ratio", name, value))
+    for name, why in results["refused"].items():
+        out.append(benchlib.row("ratio", name, None, refused=why))
     return out
 
 
