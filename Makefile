@@ -1,6 +1,7 @@
 # Two entry points (README): `make demo` trains on the built-in demo data,
 # `make test` runs the test suite (lint + every test; CI runs it). Each creates or reuses .venv
-# and installs what it needs. `make test-fast` skips the tests marked slow (under a minute).
+# and installs what it needs. `make test-fast` skips the tests marked slow (under 2 minutes on a quiet
+# 2-core machine: BENCHMARKS.md, section "Test suite").
 # `make bench` runs every CPU benchmark (README: its time) -> bench-results.json + bench-results.md.
 PYTHON ?= python3
 VENV   := .venv

@@ -3,6 +3,8 @@ with like: each runs in its smallest mode with the CPU's fast bf16 forced off an
 `cpu_bf16` fixture), and both sides of every ratio must report the same settings.
 
 No timing is asserted: these tests only check that each tool measures what it says it does.
+The harness itself (tools/benchlib.py: registry, timing helpers, generated data, the table) is
+tested at the end without running a tool; the tools that take more than a few seconds are slow.
 """
 import importlib.util
 import json
@@ -92,7 +94,6 @@ def test_bench_jitter_compares_workers_and_device():
     assert "per image" in out
 
 
-@pytest.mark.slow
 def test_bench_loader_clear_error_without_info(tmp_path):
     p = subprocess.run([sys.executable, "tools/bench_loader.py", "--data_path", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT)
@@ -195,7 +196,6 @@ def test_bench_control_compares_steps_with_and_without_the_check():
     assert result["procs"] == 2 and "round 0" in out
 
 
-@pytest.mark.slow
 def test_bench_resolution_compute_data_and_loader(tmp_path, capsys):
     """Ratios per image size from one model, and per size and shard set from one set of loaders
     (in this process: the tool's main)."""

@@ -102,7 +102,7 @@ def test_linear_step_equals_ffcv_every_iteration(epochs, peak, spe):
 
 @pytest.mark.parametrize("epochs,peak", [(16, 2), (40, 2), (6, 3)])
 def test_linear_step_per_epoch_equals_ffcv_get_lr(epochs, peak):
-    """Per epoch (the issue's reading): every update of epoch e uses FFCV's get_lr(e)."""
+    """Per epoch (the reading of a per-epoch schedule): every update of epoch e uses FFCV's get_lr(e)."""
     spe = 5
     cfg = ScheduleConfig(1.7, epochs, spe, sched="linear-step", peak_epoch=peak)
     for e in range(epochs):
@@ -314,7 +314,7 @@ def test_fast_configs_mirror_ffcvs_rn50_configs(epochs):
 
 
 def test_fast_demo_config_keeps_the_recipes_shape_on_the_demo():
-    """configs/fast_demo.yaml (issue 13's time-to-accuracy run): FFCV's recipe at demo scale, the
+    """configs/fast_demo.yaml (the time-to-accuracy run): FFCV's recipe at demo scale, the
     last third at the larger size, the LR peak after one epoch, validation above training size."""
     args = parse_args(["-c", os.path.join(ROOT, "configs", "fast_demo.yaml")])
     res = ResolutionSchedule.from_args(args)

@@ -1,4 +1,4 @@
-"""Fault injection (issue 10): killed processes and preemption signals, damaged, missing, oversized
+"""Fault injection: killed processes and preemption signals, damaged, missing, oversized
 and stalled data, crafted info files and checkpoints, fuzzed tar headers and labels.
 
 Each test asserts the outcome: the run finishes, or stops with one line within a bound, and an
@@ -576,7 +576,7 @@ def test_make_shards_skips_link_loops_fifos_and_huge_headers(demo_folder, tmp_pa
     src = tmp_path / "src"
     shutil.copytree(demo_folder, src)
     cls = src / "train" / sorted(os.listdir(src / "train"))[0]
-    os.symlink(".", cls / "loop")  # the issue's example: a link back into the class
+    os.symlink(".", cls / "loop")  # a link back into the class: a loop
     os.makedirs(cls / "sub")
     os.symlink("..", cls / "sub" / "up")  # and a loop from below
     os.mkfifo(cls / "x.jpg")  # opening it would wait for a writer
