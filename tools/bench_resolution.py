@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -197,16 +195,14 @@ def compile_modes(args) -> dict:
     results = {}
     for mode in args.modes:
         with tempfile.TemporaryDirectory() as cache:
-            cmd = [sys.executable, os.path.abspath(__file__), "compile-one", "--mode", mode, "--model", args.model,
+            cmd = [os.path.abspath(__file__), "compile-one", "--mode", mode, "--model", args.model,
                    "-b", str(args.batch_size), "--backend", args.backend, "--device", args.device,
                    "--steps", str(args.steps), "--sizes", *map(str, args.sizes)]
-            env = dict(os.environ, PYTHONPATH=HERE, TORCHINDUCTOR_CACHE_DIR=cache,
-                       TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0")
-            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if p.returncode != 0:
-            raise SystemExit(f"bench_resolution: compile mode {mode} failed: "
-                             f"{(p.stderr.strip().splitlines() or ['no output'])[-1]}")
-        results[mode] = json.loads(p.stdout.strip().splitlines()[-1])
+            entry = benchlib.run_tool(cmd, timeout=None, env=dict(
+                TORCHINDUCTOR_CACHE_DIR=cache, TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0"))
+        if "error" in entry:
+            raise SystemExit(f"bench_resolution: compile mode {mode} failed: {entry['error']}")
+        results[mode] = entry["result"]
         r = results[mode]
         print(f"{mode}: {r['graphs']} graph(s); first steps (size, s, new size): {r['first_step_s']}; "
               f"steady ms/step: {r['steady_ms']}", flush=True)

@@ -128,8 +128,9 @@ def last_json(stdout: str) -> dict | None:
     return json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
 
 
-def run_tool(cmd: list[str], timeout: float = 900, echo: bool = False, env: dict | None = None) -> dict:
-    """Run `python CMD...` from the repository root; {command, wall_s, result} or {..., error}."""
+def run_tool(cmd: list[str], timeout: float | None = 900, echo: bool = False, env: dict | None = None) -> dict:
+    """Run `python CMD...` from the repository root (`env`: extra variables) in a process of its
+    own; {command, wall_s, result: its last stdout line's JSON} or {command, wall_s, error}."""
     t0 = time.perf_counter()
     entry = {"command": " ".join(["python", *cmd])}
     try:
