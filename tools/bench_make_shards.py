@@ -181,12 +181,15 @@ def main(argv=None):
         result = {"workers": usable_cores(), "repeats": args.repeats, "sizes": {}, "host": host, "refused": {}}
         for label, root in data.items():
             count, nbytes = folder_stats(root)
-            tar_s, shard_s, rss = [], [], []
-            for _ in range(args.repeats):  # alternate, so drift hits both alike
-                tar_s.append(time_tar(root, workdir))
+            rss = []
+
+            def shards(root=root, rss=rss):
                 seconds, r = time_make_shards(root, workdir)
-                shard_s.append(seconds)
                 rss.append(r)
+                return seconds
+            timings = benchlib.alternate({"tar": lambda root=root: time_tar(root, workdir), "make_shards": shards},
+                                         args.repeats, echo=None)  # alternate, so drift hits both alike
+            tar_s, shard_s = timings["tar"], timings["make_shards"]
             row = {"images": count, "mb": round(nbytes / 1e6, 1), "tar_s": round(statistics.median(tar_s), 3),
                    "make_shards_s": round(statistics.median(shard_s), 3),
                    "parent_rss_mb": round(max(r["parent_kb"] for r in rss) / 1024, 1),
