@@ -331,6 +331,7 @@ def test_bench_loader_places_jitter_by_the_engine_rule(monkeypatch):
     assert bench_loader.jitter_in_workers(args) and not bench_loader.jitter_in_workers(args, plain=True)
     assert not bench_loader.jitter_in_workers(SimpleNamespace(color_jitter=0.4, jitter_in="device"))
     assert not bench_loader.jitter_in_workers(SimpleNamespace(color_jitter=0.0, jitter_in="workers"))
+    assert bench_loader.jitter_in_workers(SimpleNamespace(color_jitter=0.4, jitter_in="auto"))  # a CPU run: workers
     seen = []
     monkeypatch.setattr(bench_loader, "jitter_place", lambda run, device: seen.append((run.loader, device)) or "device")
     assert not bench_loader.jitter_in_workers(args) and seen == [("ours", "cpu")]

@@ -262,8 +262,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="repeat, alternating, and report medians")
     p.add_argument("--train-interpolation", choices=("bilinear", "bicubic", "random"), default="bilinear")
     p.add_argument("--color-jitter", type=float, default=0.0, help="colour jitter strength (0: none)")
-    p.add_argument("--jitter-in", choices=("device", "workers"), default="device",
-                   help="device: train_stream.py's batched jitter, no loader work; workers: per image in the workers")
+    p.add_argument("--jitter-in", choices=("auto", "device", "workers"), default="device",
+                   help="device: train_stream.py's batched jitter, no loader work; workers: per image in the workers; "
+                        "auto: where train_stream.py puts it for a CPU run of this loader (the workers)")
     p.add_argument("--vs-plain", action="store_true",
                    help="also time our plain loader (bilinear, no jitter) in the same rounds")
     args = p.parse_args(argv)

@@ -140,11 +140,11 @@ def main(argv=None) -> int:
         results["compute"][name] = r
         print(f"compute-only {name}: {r.get('fps', r.get('error'))}", flush=True)
 
-    bench_loader = benchlib.discover()["loader"]
-    loader = bench_loader.command(["--data_path", data, "-j", str(workers), "-b", str(args.batch_size),
-              "--img-size", str(args.img_size), "--steps", str(max(args.steps // 2, 2)),
-              "--warmup", str(max(args.warmup // 3, 1)), "--ceiling-seconds", "2" if args.tiny else "5",
-              "--rounds", "1", "--loader", "ours", *([] if args.no_dali else ["dali"]), "--decode", "cpu", "gpu"])
+    loader = benchlib.discover()["loader"].command([
+        "--data_path", data, "-j", str(workers), "-b", str(args.batch_size), "--img-size", str(args.img_size),
+        "--steps", str(max(args.steps // 2, 2)), "--warmup", str(max(args.warmup // 3, 1)),
+        "--ceiling-seconds", "2" if args.tiny else "5", "--rounds", "1",
+        "--loader", "ours", *([] if args.no_dali else ["dali"]), "--decode", "cpu", "gpu"])
     r = run_json(loader, 2 * args.stage_timeout)
     results["loader"] = r.get("rows", {"ours-cpu": r, "ours-gpu": r})  # an error fills both rows
     results["loader_ratios"], results["loader_refused"] = r.get("ratios", {}), r.get("refused", {})
