@@ -95,3 +95,229 @@ def test_loss_option_errors():
     assert isinstance(bce0, BinaryCrossEntropy)
     torch.testing.assert_close(bce0(x, y), nn.functional.binary_cross_entropy_with_logits(
         x, nn.functional.one_hot(y, 10).float()))
+
+
+# ---- the train crop: --scale/--ratio/--hflip/--vflip ----
+
+def _jpeg(w=300, h=200, seed=0):
+    import io
+
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (h // 25, w // 25, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    small.resize((w, h), Image.BICUBIC).save(buf, format="JPEG", quality=95)
+    return bytearray(buf.getvalue())
+
+
+def test_train_crop_defaults_keep_the_reference_draws():
+    """At timm's defaults the transform draws box, (mode), hflip and nothing more, as before."""
+    import random
+
+    from pipeline import transforms as T
+    data = _jpeg()
+    tf = T.TrainTransform(64, interpolation="random")
+    assert (tf.scale, tf.ratio, tf.hflip, tf.vflip) == ((0.08, 1.0), (3 / 4, 4 / 3), 0.5, 0.0)
+    flips = set()
+    for seed in range(12):
+        rng, ref_rng = random.Random(seed), random.Random(seed)
+        out, ref = (torch.empty((64, 64, 3), dtype=torch.uint8) for _ in range(2))
+        tf(data, out, rng)
+        box, mode = T.rrc_box(300, 200, ref_rng), T.pick_interpolation("random", ref_rng)
+        flip = ref_rng.random() < 0.5  # the reference run's transform: exactly these draws
+        T.resize_into(*T.decode(data, lambda *_, b=box: b, (64, 64)), ref, flip, mode)
+        assert torch.equal(out, ref)
+        assert rng.random() == ref_rng.random()  # no extra draw (vflip 0 draws nothing)
+        flips.add(flip)
+    assert flips == {False, True}
+
+
+@pytest.mark.parametrize("scale,ratio", [((0.35, 0.9), (0.5, 2.0)), ((1.0, 1.0), (1.0, 1.0)),
+                                         ((0.02, 0.3), (3 / 4, 4 / 3))])
+def test_crop_scale_and_ratio_draw_timm_boxes(scale, ratio):
+    """Our box for (scale, ratio) is timm's RandomResizedCropAndInterpolation.get_params from the
+    same Python random stream."""
+    import random
+
+    from PIL import Image
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    from pipeline import transforms as T
+    timm_rrc = RandomResizedCropAndInterpolation(64, scale=scale, ratio=ratio, interpolation="bilinear")
+    tf = T.TrainTransform(64, scale=scale, ratio=ratio)
+    areas = set()
+    for seed in range(40):
+        random.seed(seed)
+        i, j, h, w = timm_rrc.get_params(Image.new("RGB", (300, 200)), timm_rrc.scale, timm_rrc.ratio)
+        assert tf.box(300, 200, random.Random(seed)) == (j, i, w, h)
+        areas.add(w * h)
+        if scale[1] < 1.0:
+            assert w * h <= scale[1] * 300 * 200 + 300 + 200  # within the scale range (rounding aside)
+    if scale == (1.0, 1.0):  # a whole-image square does not fit 300x200: torchvision's centre fallback
+        assert areas == {200 * 200}
+    else:
+        assert len(areas) > 20
+
+
+def test_vertical_and_horizontal_flips():
+    import random
+
+    from pipeline import transforms as T
+    data = _jpeg()
+    seen = set()
+    for hflip, vflip in ((0.0, 1.0), (1.0, 1.0), (0.0, 0.5), (0.5, 0.5)):
+        tf = T.TrainTransform(64, hflip=hflip, vflip=vflip)
+        for seed in range(8):
+            rng, ref_rng = random.Random(seed), random.Random(seed)
+            out, plain = (torch.empty((64, 64, 3), dtype=torch.uint8) for _ in range(2))
+            tf(data, out, rng)
+            box = T.rrc_box(300, 200, ref_rng)
+            h, v = T.draw_flips(ref_rng, hflip, vflip)
+            T.resize_into(*T.decode(data, lambda *_, b=box: b, (64, 64)), plain, False, "bilinear")
+            dims = (0,) * v + (1,) * h
+            assert torch.equal(out, plain.flip(dims) if dims else plain), (hflip, vflip, seed)
+            assert not torch.equal(plain.flip(0), plain)  # a vertical flip is visible
+            seen.add((hflip, vflip, h, v))
+    assert {(0.0, 1.0, False, True), (1.0, 1.0, True, True)} <= seen
+    assert {(s[2], s[3]) for s in seen if s[:2] == (0.5, 0.5)} == {(False, False), (True, False),
+                                                                   (False, True), (True, True)}
+
+
+def test_train_crop_errors():
+    from pipeline import transforms as T
+    for kwargs, match in (({"scale": (0.5, 0.1)}, "scale range"), ({"scale": (0.0, 1.0)}, "scale range"),
+                          ({"ratio": (2.0,)}, "aspect-ratio range"), ({"hflip": 1.5}, "horizontal flip"),
+                          ({"vflip": -0.1}, "vertical flip")):
+        with pytest.raises(ValueError, match=match):
+            T.TrainTransform(64, **kwargs)
+
+
+# ---- --mean/--std ----
+
+def test_mean_std_resolve_and_normalise_like_timm():
+    from PIL import Image
+    from timm.data import create_transform
+
+    from pipeline.autoaugment import IMAGENET_DEFAULT_MEAN, fill_color, resolve_mean_std
+    from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD, Normalize
+    assert resolve_mean_std() == (IMAGENET_MEAN, IMAGENET_STD) and IMAGENET_DEFAULT_MEAN == IMAGENET_MEAN
+    assert resolve_mean_std([0.5], [0.25]) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # as timm: one value for all
+    assert fill_color() == (124, 116, 104) and fill_color((0.5, 0.5, 0.5)) == (128, 128, 128)
+    with pytest.raises(ValueError, match="1 or 3 values"):
+        resolve_mean_std([0.1, 0.2])
+    with pytest.raises(ValueError, match="std must be > 0"):
+        resolve_mean_std(None, [0.2, 0.0, 0.2])
+    mean, std = resolve_mean_std([0.5, 0.4, 0.3], [0.2, 0.3, 0.4])
+    img = torch.randint(0, 256, (1, 16, 16, 3), dtype=torch.uint8)
+    ours = Normalize("cpu", mean, std, channels_last=False)(img)
+    ref = create_transform(16, is_training=False, crop_pct=1.0, mean=mean, std=std)(Image.fromarray(img[0].numpy()))
+    torch.testing.assert_close(ours[0], ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, Normalize("cpu", channels_last=False)(img))
+
+
+# ---- --aa beyond RandAugment ----
+
+def _timm_secondary(config, size, mean, interpolation):
+    """timm's own --aa transform, as transforms_imagenet_train builds it."""
+    from timm.data.transforms_factory import transforms_imagenet_train
+    _, secondary, _ = transforms_imagenet_train(size, auto_augment=config, mean=mean, interpolation=interpolation,
+                                                separate=True)
+    return secondary
+
+
+@pytest.mark.parametrize("config,interpolation,mean", [
+    ("original", "random", (0.485, 0.456, 0.406)),
+    ("originalr", "bicubic", (0.485, 0.456, 0.406)),
+    ("v0", "bilinear", (0.5, 0.5, 0.5)),
+    ("v0r-mstd0.5", "random", (0.485, 0.456, 0.406)),
+    ("3a", "random", (0.485, 0.456, 0.406)),
+    ("augmix-m5-w4-d2", "random", (0.485, 0.456, 0.406)),
+    ("augmix-m3-mstd0.5", "bicubic", (0.4, 0.4, 0.4)),
+])
+def test_policy_equals_timm_transform_on_the_same_image_and_seed(config, interpolation, mean):
+    import random
+
+    from PIL import Image
+
+    from pipeline.autoaugment import PolicyAugment, create_augment
+    size = 48
+    aug = create_augment(config, size, mean=mean, interpolation=interpolation)
+    assert isinstance(aug, PolicyAugment)
+    ref = _timm_secondary(config, size, mean, interpolation)
+    if config == "3a":  # timm keeps colour jitter with 3a: compare the policy alone
+        ref = ref.transforms[0]
+    g = torch.Generator().manual_seed(0)
+    changed = 0
+    for k in range(10):
+        img = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=g)
+        rng = random.Random(k)
+        seed = random.Random(k).getrandbits(32)  # what the worker draws from the sample's generator
+        before = (random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state())
+        out = img.clone()
+        aug(out, rng)
+        after = (random.getstate(), np.random.get_state()[1], torch.random.get_rng_state())
+        assert before[0] == after[0] and np.array_equal(before[1], after[1]) and torch.equal(before[2], after[2])
+        random.seed(seed), np.random.seed(seed)
+        expected = np.asarray(ref(Image.fromarray(img.numpy())))
+        assert np.array_equal(out.numpy(), expected), (config, k)
+        again = img.clone()
+        aug(again, random.Random(k))
+        assert torch.equal(again, out)  # a function of the sample's generator only
+        changed += not torch.equal(out, img)
+    assert changed >= 5
+
+
+def test_trivial_augment_equals_torchvision_on_the_same_seed():
+    import random
+
+    from torchvision.transforms import InterpolationMode, v2
+
+    from pipeline.autoaugment import create_augment
+    aug = create_augment("trivial", 48)
+    ref = v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR)
+    g = torch.Generator().manual_seed(1)
+    changed = 0
+    for k in range(16):
+        img = torch.randint(0, 256, (48, 48, 3), dtype=torch.uint8, generator=g)
+        out = img.clone()
+        aug(out, random.Random(k))
+        torch.manual_seed(random.Random(k).getrandbits(32))
+        assert torch.equal(out, ref(img.permute(2, 0, 1)).permute(1, 2, 0)), k
+        changed += not torch.equal(out, img)
+    assert changed >= 8
+
+
+def test_policy_names_and_errors():
+    from pipeline.autoaugment import create_augment
+    from pipeline.randaugment import RandAugment
+    assert create_augment(None, 64) is None
+    assert isinstance(create_augment("rand-m9-mstd0.5", 64), RandAugment)  # our uint8 RandAugment, unchanged
+    for bad, match in (("autoaug", "unknown augmentation policy"), ("original-x3", "not one timm can parse"),
+                       ("augmix-q2", "not one timm can parse"), ("trivial-m3", "not one timm can parse")):
+        with pytest.raises(ValueError, match=match) as e:
+            create_augment(bad, 64)
+        assert "\n" not in str(e.value)
+
+
+def test_policy_runs_in_the_train_transform():
+    import random
+
+    from pipeline import transforms as T
+    from pipeline.autoaugment import create_augment
+    data = _jpeg()
+    plain = T.TrainTransform(48)
+    tf = T.TrainTransform(48, augment=create_augment("original", 48))
+    a, b = (torch.empty((48, 48, 3), dtype=torch.uint8) for _ in range(2))
+    plain(data, a, random.Random(3))
+    tf(data, b, random.Random(3))
+    ref = a.clone()
+    tf.augment(ref, _after_crop(random.Random(3)))
+    assert torch.equal(b, ref) and not torch.equal(a, b)
+
+
+def _after_crop(rng):
+    """The generator as the transform leaves it after box and flip (default settings)."""
+    from pipeline.geometry import rrc_box
+    rrc_box(300, 200, rng)
+    rng.random()
+    return rng
