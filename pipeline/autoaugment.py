@@ -131,5 +131,5 @@ def create_augment(config: str | None, size: int, mean=IMAGENET_DEFAULT_MEAN, in
         return None
     if policy_family(config) == "rand":
         from .randaugment import RandAugment
-        return RandAugment(config)
+        return RandAugment(config, fill=fill_color(mean))
     return PolicyAugment(config, size, mean, interpolation)

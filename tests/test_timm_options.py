@@ -321,3 +321,24 @@ def _after_crop(rng):
     rrc_box(300, 200, rng)
     rng.random()
     return rng
+
+
+def test_randaugment_fills_with_the_normalisation_mean():
+    """timm fills uncovered pixels with the --mean in levels; our uint8 RandAugment follows it."""
+    from PIL import Image
+    from timm.data.auto_augment import NAME_TO_OP
+
+    from pipeline.autoaugment import create_augment, fill_color
+    from pipeline.randaugment import FILL
+    mean = (0.2, 0.6, 0.9)
+    img = np.full((32, 32, 3), 200, dtype=np.uint8)
+    for name, arg in (("Rotate", 27.0), ("ShearX", 0.27), ("TranslateYRel", -0.405)):
+        ours = create_augment("rand-m9-mstd0.5", 32, mean=mean).apply(
+            torch.from_numpy(img.copy()).permute(2, 0, 1), [(name, arg)]).permute(1, 2, 0).numpy()
+        ref = np.asarray(NAME_TO_OP[name](Image.fromarray(img), arg, fillcolor=fill_color(mean),
+                                          resample=Image.BILINEAR))
+        filled, ref_filled = (np.all(x == (51, 153, 230), axis=-1) for x in (ours, ref))
+        assert filled.sum() > 20 and (filled == ref_filled).mean() >= 0.95, name  # the same region filled
+        default = create_augment("rand-m9-mstd0.5", 32).apply(
+            torch.from_numpy(img.copy()).permute(2, 0, 1), [(name, arg)]).permute(1, 2, 0).numpy()
+        assert np.array_equal(np.all(default == FILL, axis=-1), filled)  # the reference fill at the default mean
