@@ -17,7 +17,7 @@ Nesterov momentum, as in the reference port (its optim_factory.py builds NpuFuse
 nesterov=True for 'sgd'); `momentum` is classical momentum. tests/test_optim.py compares the
 groups with `timm.optim.create_optimizer_v2`.
 
-Choice, in order (the description string says which was taken, for the log):
+The SGD kernel, in order (the description string says which was taken, for the log):
 - `apex=True` on CUDA: NVIDIA Apex `apex.optimizers.FusedSGD` (float LR), for `--apex-amp` O2;
 - NPU: `torch_npu.optim.NpuFusedSGD` when torch_npu provides it (float LR), else torch's SGD.
   Untested here: no Ascend hardware was available;
