@@ -19,8 +19,10 @@ from common.errors import ConfigError
 
 
 def create_loss(*, mixup: bool, smoothing: float, bce: bool = False, bce_target_thresh: float | None = None,
-                bce_sum: bool = False, bce_pos_weight: float | None = None) -> tuple[nn.Module, str]:
-    """The training criterion and a one-line description for the log."""
+                bce_sum: bool = False, bce_pos_weight: float | None = None,
+                device=None) -> tuple[nn.Module, str]:
+    """The training criterion (on `device`: BCE's positive weight is a buffer) and a one-line
+    description for the log."""
     if not 0.0 <= smoothing < 1.0:
         raise ConfigError(f"label smoothing must be in [0, 1) (got {smoothing})")
     if not bce and (bce_target_thresh is not None or bce_sum or bce_pos_weight is not None):
@@ -35,7 +37,7 @@ def create_loss(*, mixup: bool, smoothing: float, bce: bool = False, bce_target_
         parts += [f"targets > {bce_target_thresh:g} -> 1" if bce_target_thresh is not None else "",
                   "summed over classes" if bce_sum else "",
                   f"positive weight {bce_pos_weight:g}" if bce_pos_weight is not None else ""]
-        return loss, f"timm BinaryCrossEntropy ({', '.join(p for p in parts if p)})"
+        return loss.to(device), f"timm BinaryCrossEntropy ({', '.join(p for p in parts if p)})"
     if mixup:
         from timm.loss import SoftTargetCrossEntropy
         return SoftTargetCrossEntropy(), f"timm SoftTargetCrossEntropy (smoothing {smoothing:g} in the mixed targets)"

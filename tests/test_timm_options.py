@@ -48,7 +48,9 @@ def test_default_loss_is_the_reference_cross_entropy_and_equals_timm():
 def test_bce_equals_timm_train_py_without_mixup(thresh, bce_sum, pos_weight):
     x, y = _batch()
     ours, desc = create_loss(mixup=False, smoothing=0.1, bce=True, bce_target_thresh=thresh, bce_sum=bce_sum,
-                             bce_pos_weight=pos_weight)
+                             bce_pos_weight=pos_weight, device=torch.device("cpu"))
+    if pos_weight is not None:
+        assert ours.pos_weight.device.type == "cpu" and float(ours.pos_weight) == pos_weight
     ref = _timm_train_loss(False, 0.1, True, thresh, bce_sum, pos_weight)
     assert torch.equal(ours(x, y), ref(x, y))
     # and what it means: BCE with logits on one-hot targets, off 0.1/10, on 0.9 + 0.01 (or binarised)
