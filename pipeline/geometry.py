@@ -9,6 +9,32 @@ import math
 from typing import NamedTuple
 
 INTERPOLATIONS = ("bilinear", "bicubic")  # timm's 'random' picks one of these per image
+# timm's train crop defaults (train.py --scale, --ratio, --hflip, --vflip; transforms_imagenet_train)
+DEFAULT_SCALE = (0.08, 1.0)
+DEFAULT_RATIO = (3 / 4, 4 / 3)
+DEFAULT_HFLIP = 0.5
+DEFAULT_VFLIP = 0.0
+
+
+def check_train_crop(scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO, hflip=DEFAULT_HFLIP, vflip=DEFAULT_VFLIP):
+    """(scale, ratio, hflip, vflip) as floats, or a ValueError that says which is wrong."""
+    scale, ratio = tuple(float(v) for v in scale), tuple(float(v) for v in ratio)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+        raise ValueError(f"the crop scale range needs two values 0 < min <= max (got {scale})")
+    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"the crop aspect-ratio range needs two values 0 < min <= max (got {ratio})")
+    for name, p in (("horizontal", hflip), ("vertical", vflip)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"the {name} flip probability must be in [0, 1] (got {p})")
+    return scale, ratio, float(hflip), float(vflip)
+
+
+def draw_flips(rng, hflip: float, vflip: float) -> tuple[bool, bool]:
+    """timm's RandomHorizontalFlip(hflip) then RandomVerticalFlip(vflip), each present (and drawing)
+    only when its probability is > 0, as transforms_imagenet_train adds them."""
+    h = hflip > 0 and rng.random() < hflip
+    v = vflip > 0 and rng.random() < vflip
+    return h, v
 
 
 def pick_interpolation(name: str, rng) -> str:
@@ -16,7 +42,7 @@ def pick_interpolation(name: str, rng) -> str:
     return rng.choice(INTERPOLATIONS) if name == "random" else name
 
 
-def rrc_box(width: int, height: int, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+def rrc_box(width: int, height: int, rng, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO):
     """torchvision's RandomResizedCrop.get_params as timm's RandomResizedCropAndInterpolation
     draws it from Python's `random`, on a `random.Random`: (x, y, w, h), the same draws."""
     area = width * height

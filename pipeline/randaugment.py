@@ -27,9 +27,9 @@ LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM
 FILL = [124, 116, 104]  # timm: round(255 * IMAGENET_DEFAULT_MEAN)
 
 
-def _affine(img, *, translate=(0.0, 0.0), shear=(0.0, 0.0), center=None):
+def _affine(img, *, translate=(0.0, 0.0), shear=(0.0, 0.0), center=None, fill=FILL):
     return F.affine(img, angle=0.0, translate=list(translate), scale=1.0, shear=list(shear),
-                    interpolation=InterpolationMode.BILINEAR, fill=FILL, center=center)
+                    interpolation=InterpolationMode.BILINEAR, fill=list(fill), center=center)
 
 
 def _solarize(img, thresh):
@@ -58,7 +58,8 @@ OPS = {
     "AutoContrast": (lambda img, _: F.autocontrast(img), None, False),
     "Equalize": (lambda img, _: F.equalize(img), None, False),
     "Invert": (lambda img, _: F.invert(img), None, False),
-    "Rotate": (lambda img, deg: F.rotate(img, deg, interpolation=InterpolationMode.BILINEAR, fill=FILL),
+    "Rotate": (lambda img, deg, fill=FILL: F.rotate(img, deg, interpolation=InterpolationMode.BILINEAR,
+                                                    fill=list(fill)),
                lambda level: level / LEVEL_DENOM * 30.0, True),
     "Posterize": (_posterize, lambda level: int(level / LEVEL_DENOM * 4), False),
     "PosterizeIncreasing": (_posterize, lambda level: 4 - int(level / LEVEL_DENOM * 4), False),
@@ -76,22 +77,27 @@ OPS = {
     "SharpnessIncreasing": (F.adjust_sharpness, _enhance_increasing, True),
     # PIL's affine data (1, f, 0, 0, 1, 0) shears about the top-left corner, as torchvision's
     # own RandAugment reproduces with center=[0, 0]; a PIL translation by +p px moves content by -p.
-    "ShearX": (lambda img, f: _affine(img, shear=(math.degrees(math.atan(f)), 0.0), center=[0, 0]),
+    "ShearX": (lambda img, f, fill=FILL: _affine(img, shear=(math.degrees(math.atan(f)), 0.0), center=[0, 0],
+                                                 fill=fill),
                lambda level: level / LEVEL_DENOM * 0.3, True),
-    "ShearY": (lambda img, f: _affine(img, shear=(0.0, math.degrees(math.atan(f))), center=[0, 0]),
+    "ShearY": (lambda img, f, fill=FILL: _affine(img, shear=(0.0, math.degrees(math.atan(f))), center=[0, 0],
+                                                 fill=fill),
                lambda level: level / LEVEL_DENOM * 0.3, True),
-    "TranslateXRel": (lambda img, pct: _affine(img, translate=(-pct * img.shape[-1], 0.0)),
+    "TranslateXRel": (lambda img, pct, fill=FILL: _affine(img, translate=(-pct * img.shape[-1], 0.0), fill=fill),
                       lambda level: level / LEVEL_DENOM * 0.45, True),
-    "TranslateYRel": (lambda img, pct: _affine(img, translate=(0.0, -pct * img.shape[-2])),
+    "TranslateYRel": (lambda img, pct, fill=FILL: _affine(img, translate=(0.0, -pct * img.shape[-2]), fill=fill),
                       lambda level: level / LEVEL_DENOM * 0.45, True),
 }
 INCREASING = {"ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"}
+FILLED = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}  # ops that take the fill colour
 
 
 class RandAugment:
     """`augment(out, rng)`: RandAugment of the HWC uint8 tensor `out`, in place."""
 
-    def __init__(self, config: str):
+    def __init__(self, config: str, fill=FILL):
+        """`fill`: the uint8 colour uncovered pixels get, timm's img_mean hparam (the normalisation
+        mean in levels, pipeline.autoaugment.fill_color)."""
         from timm.data.auto_augment import rand_augment_transform
         if not config.startswith("rand"):
             raise ValueError(f"--aa {config!r}: only RandAugment ('rand-m9-mstd0.5' and its variants) "
@@ -103,7 +109,7 @@ class RandAugment:
         unknown = sorted({op.name for op in ra.ops} - set(OPS))
         if unknown:
             raise ValueError(f"--aa {config!r}: ops {', '.join(unknown)} have no uint8 version here")
-        self.config, self.num_layers = config, ra.num_layers
+        self.config, self.num_layers, self.fill = config, ra.num_layers, tuple(int(v) for v in fill)
         self.weights = None if ra.choice_weights is None else list(ra.choice_weights)
         self.ops = [(op.name, op.prob, op.magnitude, op.magnitude_std, op.magnitude_max or LEVEL_DENOM)
                     for op in ra.ops]
@@ -141,7 +147,7 @@ class RandAugment:
     def apply(self, img: torch.Tensor, ops) -> torch.Tensor:
         """Apply drawn ops to a CHW uint8 tensor."""
         for name, arg in ops:
-            img = OPS[name][0](img, arg)
+            img = OPS[name][0](img, arg, fill=self.fill) if name in FILLED else OPS[name][0](img, arg)
         return img
 
     def __call__(self, out: torch.Tensor, rng) -> None:

@@ -30,7 +30,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .geometry import INTERPOLATIONS, Geometry, crop_geometry, eval_geometry, pick_interpolation, rrc_box
+from .geometry import (
+    DEFAULT_HFLIP,
+    DEFAULT_RATIO,
+    DEFAULT_SCALE,
+    DEFAULT_VFLIP,
+    INTERPOLATIONS,
+    Geometry,
+    check_train_crop,
+    crop_geometry,
+    draw_flips,
+    eval_geometry,
+    pick_interpolation,
+    rrc_box,
+)
 from .jpeg import MAX_PIXELS, jpeg_header
 
 # PIL hands over read-only buffers; we only ever read them.
@@ -124,9 +137,10 @@ def decode(data, box_fn, out_hw, decoder: str = "tv", reduce: bool = True):
         raise DecodeError(f"{type(e).__name__}: {e}") from None
 
 
-def resize_into(img: torch.Tensor, box, out: torch.Tensor, flip: bool, mode: str) -> None:
+def resize_into(img: torch.Tensor, box, out: torch.Tensor, flip: bool, mode: str, vflip: bool = False) -> None:
     """Crop `box` (x, y, w, h) of a CHW image and resize it into the HWC uint8 `out`; or, for a
-    Geometry, resize the box to (rh, rw) and copy the window at (top, left). Flips horizontally."""
+    Geometry, resize the box to (rh, rw) and copy the window at (top, left). Flips horizontally
+    (`flip`) and vertically (`vflip`)."""
     x, y, w, h = box[:4]
     size = tuple(out.shape[:2]) if not isinstance(box, Geometry) else (box.rh, box.rw)
     crop = img[:, y:y + h, x:x + w].unsqueeze(0).contiguous(memory_format=torch.channels_last)
@@ -134,7 +148,8 @@ def resize_into(img: torch.Tensor, box, out: torch.Tensor, flip: bool, mode: str
     hwc = res[0].permute(1, 2, 0)  # channels-last output: a contiguous HWC view
     if isinstance(box, Geometry):
         hwc = hwc[box.top:box.top + out.shape[0], box.left:box.left + out.shape[1]]
-    out.copy_(hwc.flip(1) if flip else hwc)
+    dims = (0,) * vflip + (1,) * flip
+    out.copy_(hwc.flip(dims) if dims else hwc)
 
 
 def _check_interpolation(name: str, allowed) -> str:
@@ -145,15 +160,20 @@ def _check_interpolation(name: str, allowed) -> str:
 
 class TrainTransform:
     """RandomResizedCrop(size, scale, ratio) with bilinear, bicubic or random interpolation,
-    horizontal flip, then an optional uint8 augmentation of the output (RandAugment), in uint8.
+    horizontal and vertical flips, then an optional uint8 augmentation of the output (RandAugment,
+    pipeline/autoaugment.py's timm policies), in uint8.
 
     Draws from `rng` per image, in timm's order: the crop box, the interpolation (only when
-    'random'), the flip, then whatever `augment(out, rng)` draws.
+    'random'), the horizontal flip (only when hflip > 0), the vertical flip (only when vflip > 0),
+    then whatever `augment(out, rng)` draws. At timm's defaults (scale 0.08-1, ratio 3/4-4/3,
+    hflip 0.5, vflip 0) the draws are those of the reference run's transform.
     """
 
-    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
-                 interpolation: str = "bilinear", decoder: str = "tv", reduce: bool = True, augment=None):
-        self.size, self.scale, self.ratio, self.hflip = size, scale, ratio, hflip
+    def __init__(self, size: int, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO, hflip: float = DEFAULT_HFLIP,
+                 interpolation: str = "bilinear", decoder: str = "tv", reduce: bool = True, augment=None,
+                 vflip: float = DEFAULT_VFLIP):
+        self.scale, self.ratio, self.hflip, self.vflip = check_train_crop(scale, ratio, hflip, vflip)
+        self.size = size
         self.interpolation = _check_interpolation(interpolation, INTERPOLATIONS + ("random",))
         self.decoder, self.reduce, self.augment = decoder, reduce, augment
 
@@ -167,13 +187,18 @@ class TrainTransform:
         return pick_interpolation(self.interpolation, rng)
 
     def flip(self, rng) -> bool:
+        """The horizontal flip alone (GPU decoding's path, which has no vertical flip)."""
         return self.hflip > 0 and rng.random() < self.hflip
+
+    def flips(self, rng) -> tuple[bool, bool]:
+        return draw_flips(rng, self.hflip, self.vflip)
 
     def __call__(self, data, out: torch.Tensor, rng) -> None:
         img, box = decode(data, lambda w, h: self.box(w, h, rng), (self.size, self.size),
                           self.decoder, self.reduce)
         mode = self.mode(rng)
-        resize_into(img, box, out, self.flip(rng), mode)
+        hflip, vflip = self.flips(rng)
+        resize_into(img, box, out, hflip, mode, vflip)
         if self.augment is not None:
             self.augment(out, rng)
 
