@@ -84,7 +84,6 @@ def _make_messy_source(root):
     for rel, data in ignored.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
-    (root / "train" / EMPTY_CLASS).mkdir()
     return expected, {"train": 5, "validation": 1}  # ignored counts (a hidden folder counts once)
 
 
@@ -143,7 +142,7 @@ def test_round_trip_every_valid_image_once_with_its_label(messy, built):
     out, summary = built
     info = json.loads((out / INFO).read_text())
     classes = sorted(d.name for d in (src / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
-    assert info["classes"] == classes and EMPTY_CLASS in classes
+    assert info["classes"] == classes
     seen = {}
     for split, samples in read_shards(out).items():
         keys = [s["key"] for s in samples]
@@ -235,12 +234,34 @@ def test_train_shuffled_validation_sorted(built):
         assert [int(s["key"][:8]) for s in ss] == list(range(len(ss)))
 
 
-def test_empty_class_keeps_its_index_and_is_warned(messy, tmp_path, capsys):
+def test_an_empty_train_class_is_refused_an_empty_val_class_warned(tmp_path, capsys):
+    """A train class without images would be a model output that is never trained (ImageFolder
+    refuses it too); a val class without images only goes unvalidated."""
+    src = tmp_path / "src"
+    make_demo_data(src, num_classes=2, train_per_class=3, val_per_class=1, image_size=(32, 24), odd_images=False)
+    (src / "train" / EMPTY_CLASS).mkdir()
+    (src / "train" / EMPTY_CLASS / "notes.txt").write_text("no image")
+    with pytest.raises(ShardError, match=rf"1 train class folder\(s\) hold no image, e.g. train/{EMPTY_CLASS}"):
+        make_shards(src, tmp_path / "o", workers=1, progress=False)
+    assert not (tmp_path / "o").exists()
+    # a class whose only images are all unreadable is refused after the scan
+    (src / "train" / EMPTY_CLASS / "broken.JPEG").write_bytes(b"not a jpeg")
+    with pytest.raises(ShardError, match=rf"1 train class\(es\) have no usable image, e.g. {EMPTY_CLASS}"):
+        make_shards(src, tmp_path / "o", workers=1, progress=False)
+    assert not (tmp_path / "o" / INFO).exists()
+    shutil.rmtree(src / "train" / EMPTY_CLASS)
+    (src / "val" / "c000-circle-stripes").rename(tmp_path / "moved")
+    (src / "val" / "c000-circle-stripes").mkdir()
+    capsys.readouterr()
+    make_shards(src, tmp_path / "o2", workers=1, progress=False)
+    err = capsys.readouterr().err
+    assert "1 validation class folder(s) hold no image" in err and "val/c000-circle-stripes" in err
+    assert json.loads((tmp_path / "o2" / INFO).read_text())["num_classes"] == 2
+
+
+def test_skipped_files_are_named(messy, tmp_path, capsys):
     make_shards(messy[0], tmp_path / "o", max_count=50, workers=1, progress=False)
     err = capsys.readouterr().err
-    assert "empty class folder" in err and f"train/{EMPTY_CLASS}" in err
-    info = json.loads((tmp_path / "o" / INFO).read_text())
-    assert info["classes"].index(EMPTY_CLASS) == 2 and info["classes"][3] == "c002-triangle-dots"
     assert "skipped 4" in err and "truncated.JPEG" in err
 
 
