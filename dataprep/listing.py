@@ -67,10 +67,11 @@ def _list_class(split_dir, folder, class_dir, guard, ignored, links):
     they lead outside every class folder, each real folder once; other links are named in links."""
     files, visited, stack = [], {os.path.realpath(class_dir)}, [class_dir]
     while stack:
-        try:
-            entries = list(os.scandir(stack.pop()))
+        try:  # sorted, depth first as os.walk: which of two links to one folder is listed must not vary
+            entries = sorted(os.scandir(stack.pop()), key=lambda e: e.name)
         except OSError:
             continue  # an unreadable subfolder: like os.walk, pass over it
+        subfolders = []
         for e in entries:
             rel = folder + e.path[len(split_dir):]  # os.path.relpath is far slower
             if _hidden(e.name):
@@ -88,7 +89,7 @@ def _list_class(split_dir, folder, class_dir, guard, ignored, links):
                     links.append(f"{rel}: leads to a folder already listed (a link loop or a second link)")
                 else:
                     visited.add(real)
-                    stack.append(e.path)
+                    subfolders.append(e.path)
                 continue
             if not _is_image(e.name):
                 ignored.append(rel)
@@ -103,6 +104,7 @@ def _list_class(split_dir, folder, class_dir, guard, ignored, links):
             except OSError:
                 size = -1  # a broken link: the scan skips it with the reason
             files.append((rel, size, None))
+        stack += reversed(subfolders)
     return files
 
 
