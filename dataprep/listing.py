@@ -130,10 +130,10 @@ def _flat_images(folder, guard):
     files, ignored, links = [], [], []
     for e in sorted(os.scandir(folder), key=lambda e: e.name):
         if _hidden(e.name) or not _is_image(e.name) or e.is_dir():
-            ignored.append(e.name)
+            ignored.append(e.path)
             continue
         if e.is_symlink() and guard.blocks(os.path.realpath(e.path)):
-            links.append(f"{e.name} -> {os.path.realpath(e.path)}: a link to a file in a class folder")
+            links.append(f"{e.path} -> {os.path.realpath(e.path)}: a link to a file in a class folder")
             continue
         try:
             size = e.stat().st_size

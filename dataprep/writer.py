@@ -218,8 +218,8 @@ def make_shards(src, out=None, max_count=1250, workers=None, seed=0, resize_max=
     """
     start = time.monotonic()
     if src is None:
-        if not (train_tar or val_tar):
-            raise ShardError("pass a source folder SRC, or --train-tar and/or --val-tar")
+        if not (train_tar or val_tar or val_dir):
+            raise ShardError("pass a source folder SRC, or --train-tar and/or --val-tar (or --val-dir)")
         if not out:
             raise ShardError("pass --out DIR: where the shards go (there is no SRC to put them beside)")
     else:

@@ -186,9 +186,14 @@ def test_a_flat_val_folder_with_kaggle_labels(mini, from_folder, tmp_path):
                 val_dir=mini["flat"], val_labels=mini["arch"] / "LOC_val_solution.csv")
     assert _shard_files(out) == _shard_files(from_folder)
     assert "class_descriptions" not in json.loads((out / INFO).read_text())
+    # a val folder sorted into class folders, kept elsewhere under another name
+    (tmp_path / "sorted_val").symlink_to(mini["folder"] / "val")
+    make_shards(mini["folder"], tmp_path / "o2", max_count=5, workers=1, name="imagenet", progress=False,
+                val_dir=tmp_path / "sorted_val")
+    assert _shard_files(tmp_path / "o2") == _shard_files(from_folder)
 
 
-def test_a_flat_val_folder_without_labels_is_a_one_line_error(mini, tmp_path, capsys):
+def test_a_flat_val_folder_without_labels_is_a_one_line_error(mini, from_folder, tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
     (src / "train").symlink_to(mini["folder"] / "train")
@@ -199,6 +204,11 @@ def test_a_flat_val_folder_without_labels_is_a_one_line_error(mini, tmp_path, ca
     assert "without class folders" in lines[0] and "--devkit ILSVRC2012_devkit_t12.tar.gz" in lines[0] \
         and "--val-labels LOC_val_solution.csv" in lines[0]
     assert not (tmp_path / "o" / INFO).exists()
+    # the devkit beside the folders is found by name
+    (src / "ILSVRC2012_devkit_t12.tar.gz").symlink_to(mini["arch"] / "ILSVRC2012_devkit_t12.tar.gz")
+    assert make_shards_main([str(src), "--out", str(tmp_path / "o"), "--name", "imagenet", "--max-count", "5",
+                             "--quiet"]) == 0
+    assert _shard_files(tmp_path / "o") == _shard_files(from_folder)
 
 
 def test_devkit_is_read_as_torchvision_reads_it(mini, tmp_path, monkeypatch):
