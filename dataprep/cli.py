@@ -58,7 +58,7 @@ def make_shards_main(argv=None) -> int:
                    help="JPEG quality of re-encoded (resized or transcoded) images (default: 95; FFCV: 90)")
     p.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES, metavar="N",
                    help=f"skip (and name) image files larger than N bytes, unread (default: {MAX_IMAGE_BYTES})")
-    p.add_argument("--name", help="shard name prefix (default: SRC folder name, or imagenet without SRC)")
+    p.add_argument("--name", help="shard name prefix (default: SRC folder name; imagenet when archives are read)")
     p.add_argument("--verify", action="store_true", help="check shards, counts and images against _info.json")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output made with other settings; write into a folder holding other files")

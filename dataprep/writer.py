@@ -225,9 +225,8 @@ def make_shards(src, out=None, max_count=1250, workers=None, seed=0, resize_max=
     else:
         src = os.path.abspath(src).rstrip(os.sep) or os.sep
     out = os.path.abspath(out or src + "-wds")
-    name = name or (os.path.basename(src) if src else "imagenet")
     workers = workers or usable_cores()
-    if not re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*", name):
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*", name):
         raise ShardError(f"shard name {name!r} may only hold letters, digits and . _ + -; pass --name")
     if max_count < 1 or workers < 1 or (resize_max is not None and resize_max < 1):
         raise ShardError("--max-count, --workers and --resize-max must be positive")
@@ -236,6 +235,11 @@ def make_shards(src, out=None, max_count=1250, workers=None, seed=0, resize_max=
     if max_image_bytes is not None and max_image_bytes < 1:
         raise ShardError(f"--max-image-bytes must be positive (got {max_image_bytes})")
     listing = list_source(src, train_tar, val_tar, val_dir, devkit, val_labels)
+    if name is None:  # an ImageFolder's own name; "imagenet" for the archives (SRC is then a download folder)
+        name = os.path.basename(src) if listing["source"] == src else "imagenet"
+        if not re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*", name):
+            raise ShardError(f"shard name {name!r} (SRC's folder name) may only hold letters, digits and "
+                             ". _ + -; pass --name")
     settings = {"name": name, "seed": seed, "max_count": max_count, "resize_max": resize_max,
                 "tool_version": TOOL_VERSION, "classes": listing["classes"]}
     if jpeg_quality != JPEG_QUALITY:  # only then: outputs made before the option keep their fingerprint

@@ -173,9 +173,9 @@ def test_a_folder_holding_the_archives_is_recognised(mini, from_folder, tmp_path
     for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar",
                  "ILSVRC2012_devkit_t12.tar.gz" if labels == "devkit" else "LOC_val_solution.csv"):
         (src / name).symlink_to(mini["arch"] / name)
-    assert make_shards_main([str(src), "--out", str(tmp_path / "o"), "--name", "imagenet", "--max-count", "5",
+    assert make_shards_main([str(src), "--out", str(tmp_path / "o"), "--max-count", "5",
                              "--workers", "1", "--quiet"]) == 0
-    assert _shard_files(tmp_path / "o") == _shard_files(from_folder)
+    assert _shard_files(tmp_path / "o") == _shard_files(from_folder)  # named "imagenet", not "downloads"
     err = capsys.readouterr().err
     assert "1 file(s) in train ignored" in err and f"{CHOSEN[0]}.tar/readme.txt" in err
 
