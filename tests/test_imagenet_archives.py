@@ -1,7 +1,9 @@
 """make_shards on ImageNet as it ships: a miniature with the exact archive layouts and real wnids."""
 import csv
+import errno
 import io
 import json
+import os
 import random
 import tarfile
 import tracemalloc
@@ -238,6 +240,14 @@ def test_resume_and_up_to_date_from_archives(mini, from_folder, tmp_path):
     assert summary["reused"] == summary["shards"] - 1 and not summary["up_to_date"]
     assert _shard_files(out) == _shard_files(from_folder) and not (out / ".imagenet-validation-000000.tar.tmp").exists()
     assert make_shards(None, out, **kw)["up_to_date"]
+
+
+def test_archive_copy_through_memory_when_the_kernel_refuses(mini, from_folder, tmp_path, monkeypatch):
+    def refuse(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    make_shards(mini["arch"], tmp_path / "o", max_count=5, workers=1, progress=False)
+    assert _shard_files(tmp_path / "o") == _shard_files(from_folder)
 
 
 def test_listing_a_class_tar_reads_headers_not_images(tmp_path):
