@@ -336,3 +336,33 @@ def test_val_labels_must_fit_the_images(mini, tmp_path):
     summary = make_shards(None, tmp_path / "p", workers=1, progress=False,
                           val_tar=mini["arch"] / "ILSVRC2012_img_val.tar", val_labels=partial)
     assert summary["images"] == len(mini["labels"]) - 1 and summary["ignored"] == 1
+
+
+KILL_AFTER_2_SHARDS = """
+import os, signal, sys
+import tools.make_shards as ms
+real_replace, done = os.replace, []
+def replace(a, b):
+    real_replace(a, b)
+    if b.endswith(".tar"):
+        done.append(b)
+        if len(done) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)  # like kill -9: no cleanup runs
+os.replace = replace
+sys.exit(ms.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_while_reading_the_archives_then_resume(mini, tmp_path):
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ref, out = tmp_path / "ref", tmp_path / "o"
+    args = [str(mini["arch"]), "--max-count", "3", "--workers", "1", "--quiet"]
+    assert make_shards_main(args + ["--out", str(ref)]) == 0
+    r = subprocess.run([sys.executable, "-c", KILL_AFTER_2_SHARDS, *args, "--out", str(out)], cwd=repo,
+                       capture_output=True, text=True)
+    assert r.returncode < 0 and not (out / INFO).exists() and len(list(out.glob("*.tar"))) == 2, r.stderr
+    assert make_shards_main(args + ["--out", str(out)]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in ref.iterdir()}
