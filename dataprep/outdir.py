@@ -8,7 +8,7 @@ import re
 
 from common.errors import ShardError
 
-from .images import JPEG_QUALITY
+from .images import JPEG_QUALITY, MAX_IMAGE_BYTES
 
 INFO, SKIPPED, STATE = "_info.json", "_skipped.tsv", ".make_shards.json"
 
@@ -67,9 +67,9 @@ def lock(out):
 
 
 def _settings_change(old, new):
-    defaults = {"jpeg_quality": JPEG_QUALITY}  # a key written only when it differs from the default
+    defaults = {"jpeg_quality": JPEG_QUALITY, "max_image_bytes": MAX_IMAGE_BYTES}  # keys written only when not these
     changed = [f"{k} {old.get(k, defaults.get(k))!r} -> {new.get(k, defaults.get(k))!r}"
-               for k in ("name", "seed", "max_count", "resize_max", "jpeg_quality")
+               for k in ("name", "seed", "max_count", "resize_max", "jpeg_quality", "max_image_bytes")
                if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))]
     return ", ".join(changed) or "the source files differ"
 

@@ -84,7 +84,6 @@ def _make_messy_source(root):
     for rel, data in ignored.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
-    (root / "train" / EMPTY_CLASS).mkdir()
     return expected, {"train": 5, "validation": 1}  # ignored counts (a hidden folder counts once)
 
 
@@ -143,7 +142,7 @@ def test_round_trip_every_valid_image_once_with_its_label(messy, built):
     out, summary = built
     info = json.loads((out / INFO).read_text())
     classes = sorted(d.name for d in (src / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
-    assert info["classes"] == classes and EMPTY_CLASS in classes
+    assert info["classes"] == classes
     seen = {}
     for split, samples in read_shards(out).items():
         keys = [s["key"] for s in samples]
@@ -235,13 +234,109 @@ def test_train_shuffled_validation_sorted(built):
         assert [int(s["key"][:8]) for s in ss] == list(range(len(ss)))
 
 
-def test_empty_class_keeps_its_index_and_is_warned(messy, tmp_path, capsys):
+def test_an_empty_train_class_is_refused_an_empty_val_class_warned(tmp_path, capsys):
+    """A train class without images would be a model output that is never trained (ImageFolder
+    refuses it too); a val class without images only goes unvalidated."""
+    src = tmp_path / "src"
+    make_demo_data(src, num_classes=2, train_per_class=3, val_per_class=1, image_size=(32, 24), odd_images=False)
+    (src / "train" / EMPTY_CLASS).mkdir()
+    (src / "train" / EMPTY_CLASS / "notes.txt").write_text("no image")
+    with pytest.raises(ShardError, match=rf"1 train class folder\(s\) hold no image, e.g. train/{EMPTY_CLASS}"):
+        make_shards(src, tmp_path / "o", workers=1, progress=False)
+    assert not (tmp_path / "o").exists()
+    # a class whose only images are all unreadable is refused after the scan
+    (src / "train" / EMPTY_CLASS / "broken.JPEG").write_bytes(b"not a jpeg")
+    with pytest.raises(ShardError, match=rf"1 train class\(es\) have no usable image, e.g. {EMPTY_CLASS}"):
+        make_shards(src, tmp_path / "o", workers=1, progress=False)
+    assert not (tmp_path / "o" / INFO).exists()
+    shutil.rmtree(src / "train" / EMPTY_CLASS)
+    (src / "val" / "c000-circle-stripes").rename(tmp_path / "moved")
+    (src / "val" / "c000-circle-stripes").mkdir()
+    capsys.readouterr()
+    make_shards(src, tmp_path / "o2", workers=1, progress=False)
+    err = capsys.readouterr().err
+    assert "1 validation class folder(s) hold no image" in err and "val/c000-circle-stripes" in err
+    assert json.loads((tmp_path / "o2" / INFO).read_text())["num_classes"] == 2
+
+
+def test_skipped_and_ignored_files_are_named(messy, tmp_path, capsys):
     make_shards(messy[0], tmp_path / "o", max_count=50, workers=1, progress=False)
     err = capsys.readouterr().err
-    assert "empty class folder" in err and f"train/{EMPTY_CLASS}" in err
-    info = json.loads((tmp_path / "o" / INFO).read_text())
-    assert info["classes"].index(EMPTY_CLASS) == 2 and info["classes"][3] == "c002-triangle-dots"
     assert "skipped 4" in err and "truncated.JPEG" in err
+    assert "5 file(s) in train ignored" in err and "1 file(s) in validation ignored" in err
+    for rel in ("train/README", "train/c001-square-checker/notes.txt", "train/.ipynb_checkpoints",
+                "val/c000-circle-stripes/labels.csv"):
+        assert f"  {rel}\n" in err, rel
+    src = tmp_path / "many"
+    make_demo_data(src, num_classes=1, train_per_class=2, val_per_class=0, image_size=(32, 24), odd_images=False)
+    for i in range(13):
+        (src / "train" / "c000-circle-stripes" / f"note{i:02d}.txt").write_text("x")
+    make_shards(src, tmp_path / "o2", workers=1, progress=False)
+    err = capsys.readouterr().err
+    assert "13 file(s) in train ignored" in err and "note09.txt" in err and "note10.txt" not in err
+    assert "  ... and 3 more" in err
+
+
+def _class_of_each_image(out):
+    return {s["meta"]["path"]: s["meta"]["class"] for ss in read_shards(out).values() for s in ss}
+
+
+def test_links_never_move_images_between_classes(tmp_path, capsys):
+    """Links into a class folder (a parent, a sibling class, a val class, a file of another class,
+    the class itself) are not followed and are named; links that lead outside every class folder are."""
+    src = tmp_path / "src"
+    make_demo_data(src, num_classes=3, train_per_class=2, val_per_class=1, image_size=(32, 24), odd_images=False)
+    a, b, c = sorted(p for p in (src / "train").iterdir())
+    (a / "up").symlink_to("..")
+    (a / "top").symlink_to(src)
+    (a / "sibling").symlink_to(f"../{b.name}")
+    (a / "from_val").symlink_to(src / "val" / c.name)
+    (a / "loop").symlink_to(".")
+    (a / "stolen.JPEG").symlink_to(next(b.iterdir()))
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "more.JPEG").write_bytes(_jpeg(colour=(1, 1, 1)))
+    (tmp_path / "outside.JPEG").write_bytes(_jpeg(colour=(2, 2, 2)))
+    (a / "extra").symlink_to(extra)
+    (a / "ext.JPEG").symlink_to(tmp_path / "outside.JPEG")
+    make_shards(src, tmp_path / "o", workers=1, progress=False)
+    err = capsys.readouterr().err
+    got = _class_of_each_image(tmp_path / "o")
+    assert all(path.split("/")[1] == cls for path, cls in got.items())
+    in_a = sorted(p.split("/", 2)[2] for p, cls in got.items() if cls == a.name and p.startswith("train/"))
+    assert in_a == sorted([p.name for p in a.iterdir() if p.suffix == ".JPEG" and not p.is_symlink()]
+                          + ["ext.JPEG", "extra/more.JPEG"])
+    assert sum(cls == b.name and p.startswith("train/") for p, cls in got.items()) == 2
+    assert "6 link(s) in train not followed" in err
+    for name in ("up", "top", "sibling", "from_val", "loop", "stolen.JPEG"):
+        assert f"train/{a.name}/{name} -> " in err, name
+    # a second link to the same outside folder is listed once
+    (a / "extra_again").symlink_to(extra)
+    make_shards(src, tmp_path / "o1", workers=1, progress=False)
+    assert _class_of_each_image(tmp_path / "o1").keys() == got.keys()
+    assert f"train/{a.name}/extra_again: leads to a folder already listed" in capsys.readouterr().err
+    # two class folders that are one folder
+    (src / "train" / "zz-same-as-b").symlink_to(b)
+    with pytest.raises(ShardError, match=f"train/zz-same-as-b and train/{b.name} are the same folder"):
+        make_shards(src, tmp_path / "o2", workers=1, progress=False)
+
+
+def test_files_over_max_image_bytes_are_skipped_unread(tmp_path, capsys):
+    src = tmp_path / "src"
+    make_demo_data(src, num_classes=1, train_per_class=2, val_per_class=0, image_size=(32, 24), odd_images=False)
+    big = src / "train" / "c000-circle-stripes" / "big.JPEG"
+    big.write_bytes(_jpeg() + bytes(3 << 20))
+    make_shards(src, tmp_path / "o", workers=1, progress=False, max_image_bytes=2 << 20)
+    rows = (tmp_path / "o" / SKIPPED).read_text().splitlines()[1:]
+    assert rows == [f"train\ttrain/c000-circle-stripes/big.JPEG\ttoo large: {big.stat().st_size:,} bytes, "
+                    f"over --max-image-bytes {2 << 20:,}"]
+    assert json.loads((tmp_path / "o" / INFO).read_text())["max_image_bytes"] == 2 << 20
+    assert "big.JPEG: too large" in capsys.readouterr().err
+    with pytest.raises(ShardError, match=r"max_image_bytes 2097152 -> 67108864"):
+        make_shards(src, tmp_path / "o", workers=1, progress=False)  # another setting
+    assert make_shards(src, tmp_path / "o3", workers=1, progress=False)["images"] == 3  # the default keeps it
+    assert make_shards_main([str(src), "--out", str(tmp_path / "bad"), "--max-image-bytes", "0", "--quiet"]) == 1
+    assert "--max-image-bytes must be positive" in capsys.readouterr().err
 
 
 def test_keys_are_safe_for_any_file_name():
