@@ -79,15 +79,22 @@ def _timm_saver_checkpoint(folder: Path, num_classes: int):
     return model, folder / "model_best.pth.tar"
 
 
-def test_a_checkpoint_of_timms_train_py_is_read(tmp_path, demo_folder, capsys):
+def test_a_checkpoint_of_timms_train_py_is_read(tmp_path):
     model, path = _timm_saver_checkpoint(tmp_path, num_classes=6)
     assert path.is_file() and isinstance(torch.load(path, weights_only=False)["args"], argparse.Namespace)
     loaded = load_model(str(path), model_name="resnet10t")
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[key], value, msg=key)
     assert loaded.num_classes == 6
+    ema = load_model(str(path), model_name="resnet10t", ema=True)
+    assert ema.model.state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.slow
+def test_validate_scores_a_checkpoint_of_timms_train_py(tmp_path, demo_folder, capsys):
+    _, path = _timm_saver_checkpoint(tmp_path, num_classes=6)
     assert validate_tool.main([str(path), "--model", "resnet10t", "--data", str(demo_folder), "-j", "0",
-                               "-b", "16", "--device", "cpu", "--use-ema"]) == 0
+                               "-b", "16", "--device", "cpu", "--use-ema", "--img-size", "64"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == result["images_expected"] > 0 and result["source"] == str(path)
 
