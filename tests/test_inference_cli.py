@@ -82,6 +82,8 @@ def _timm_saver_checkpoint(folder: Path, num_classes: int):
 def test_a_checkpoint_of_timms_train_py_is_read(tmp_path):
     model, path = _timm_saver_checkpoint(tmp_path, num_classes=6)
     assert path.is_file() and isinstance(torch.load(path, weights_only=False)["args"], argparse.Namespace)
+    assert validate_tool.model_name(None, str(path)) == "resnet10t"  # timm's args.model: no --model needed
+    assert validate_tool.model_name("resnet18", str(path)) == "resnet18"  # the flag wins
     loaded = load_model(str(path), model_name="resnet10t")
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[key], value, msg=key)
@@ -93,10 +95,11 @@ def test_a_checkpoint_of_timms_train_py_is_read(tmp_path):
 @pytest.mark.slow
 def test_validate_scores_a_checkpoint_of_timms_train_py(tmp_path, demo_folder, capsys):
     _, path = _timm_saver_checkpoint(tmp_path, num_classes=6)
-    assert validate_tool.main([str(path), "--model", "resnet10t", "--data", str(demo_folder), "-j", "0",
+    assert validate_tool.main([str(path), "--data", str(demo_folder), "-j", "0",
                                "-b", "16", "--device", "cpu", "--use-ema", "--img-size", "64"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == result["images_expected"] > 0 and result["source"] == str(path)
+    assert result["model"] == "resnet10t" and result["img_size"] == 64
 
 
 class _Touch:
@@ -115,7 +118,7 @@ def test_a_checkpoint_holding_another_class_is_refused(tmp_path, capsys):
     torch.save({"state_dict": _tiny_state(), "args": argparse.Namespace(model="resnet10t"),
                 "hook": _Touch(marker)}, path)
     assert not os.path.exists(marker)
-    assert validate_tool.main([str(path), "--model", "resnet10t", "--data", str(tmp_path), "--device", "cpu"]) == 2
+    assert validate_tool.main([str(path), "--data", str(tmp_path), "--device", "cpu"]) == 2
     one_line_error(capsys, f"cannot read checkpoint {path}: it holds io.open", "not an allowed type")
     assert not os.path.exists(marker)
 

@@ -90,7 +90,9 @@ def main(argv=None) -> int:
     try:
         from engine.inference import eval_settings, load_model
         from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD
-        loaded = load_model(args.checkpoint, model_name=args.model, pretrained=args.pretrained, ema=args.use_ema)
+        from tools.validate import model_name
+        loaded = load_model(args.checkpoint, model_name=model_name(args.model, args.checkpoint),
+                            pretrained=args.pretrained, ema=args.use_ema)
         size, crop_pct, interp = eval_settings(loaded, args.img_size)
         export(loaded, args.output, size, args.opset)
         add_metadata(args.output, {"model": loaded.name, "source": loaded.source, "input_size": [3, size, size],

@@ -82,10 +82,11 @@ def predict(args) -> None:
     from model.device import resolve_device
     from pipeline.prefetch import Normalize
     from pipeline.transforms import EvalTransform
+    from tools.validate import model_name
 
     dev = resolve_device(args.device)
-    loaded = load_model(args.checkpoint, model_name=args.model, pretrained=args.pretrained,
-                        ema=args.use_ema, device=dev)
+    loaded = load_model(args.checkpoint, model_name=model_name(args.model, args.checkpoint),
+                        pretrained=args.pretrained, ema=args.use_ema, device=dev)
     names = class_names(loaded, args.classes_from)
     paths = expand_images(args.images)
     if not paths:
