@@ -1,5 +1,6 @@
 """tools/plot_metrics.py: a valid PNG from a metrics file, and one-line errors."""
 import json
+import math
 import struct
 import subprocess
 import sys
@@ -160,7 +161,6 @@ def _train_line(ax):
 
 
 def test_a_resume_with_another_batch_size_is_drawn_against_epochs_with_a_break(tmp_path):
-    import math
     _write_resumed(tmp_path / "resumed")
     fig = _figure(tmp_path, tmp_path / "resumed")
     loss, acc = _panel(fig, "loss"), _panel(fig, "validation accuracy")
@@ -188,6 +188,10 @@ def test_same_batch_size_keeps_the_global_step_axis(tmp_path):
     assert loss.get_xlabel() == "global step"
     xs = list(_train_line(loss).get_xdata())
     assert xs == list(range(1, 51))
+    # stopped mid-epoch and resumed at the next epoch (another -j): the skipped steps are a gap
+    _write_resumed(tmp_path / "skipped", steps=(10, 10), stop=25)
+    xs = list(_train_line(_panel(_figure(tmp_path, tmp_path / "skipped"), "loss")).get_xdata())
+    assert xs[:25] == list(range(1, 26)) and math.isnan(xs[25]) and xs[26:] == list(range(31, 51))
 
 
 def test_best_labels_inside_the_axes_apart_and_plain_loss_ticks(tmp_path):
