@@ -101,9 +101,20 @@ def remove_stale_temporaries(folder: str, names=("last.pth", "best.pth")) -> int
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
+    import argparse
+    import pickle
+    import re
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        # weights_only: tensors and plain containers, plus an allow-list of harmless types, never a
+        # full unpickle; timm's train.py stores its flags as an argparse.Namespace under `args`
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if found:
+            raise CheckpointError(f"cannot read checkpoint {path}: it holds {found.group(1)}, which is not an "
+                                  "allowed type (read with torch.load(weights_only=True), never unpickled in full)"
+                                  ) from None
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
     if not isinstance(state, dict):

@@ -21,12 +21,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone
 
-import torch  # noqa: E402
-
 from common.errors import ConfigError, UserError, user_message  # noqa: E402
-from engine.inference import eval_settings, load_model  # noqa: E402
-from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
+# torch, timm and the exporter are imported after the arguments are parsed (inside the functions):
+# --help and a usage error (no -o) answer at once instead of after seconds of imports.
 
 def export(loaded, path: str, size: int, opset: int) -> None:
     for name in ("onnx", "onnxscript"):
@@ -34,6 +32,7 @@ def export(loaded, path: str, size: int, opset: int) -> None:
             __import__(name)
         except ImportError:
             raise ConfigError(f"ONNX export needs the {name} package: pip install onnx onnxscript") from None
+    import torch
     model = loaded.model.float().to(memory_format=torch.contiguous_format).eval()
     example = (torch.randn(2, 3, size, size),)
     batch = torch.export.Dim("batch", min=1)
@@ -62,6 +61,7 @@ def check(model, path: str, size: int, tolerance: float) -> float:
         import onnxruntime as ort
     except ImportError:
         raise ConfigError("--check needs onnxruntime (pip install onnxruntime), or pass --no-check") from None
+    import torch
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     worst = 0.0
     for n in (1, 3):
@@ -88,7 +88,11 @@ def main(argv=None) -> int:
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest allowed logit difference (default: 1e-3)")
     args = p.parse_args(argv)
     try:
-        loaded = load_model(args.checkpoint, model_name=args.model, pretrained=args.pretrained, ema=args.use_ema)
+        from engine.inference import eval_settings, load_model
+        from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD
+        from tools.validate import model_name
+        loaded = load_model(args.checkpoint, model_name=model_name(args.model, args.checkpoint),
+                            pretrained=args.pretrained, ema=args.use_ema)
         size, crop_pct, interp = eval_settings(loaded, args.img_size)
         export(loaded, args.output, size, args.opset)
         add_metadata(args.output, {"model": loaded.name, "source": loaded.source, "input_size": [3, size, size],

@@ -11,7 +11,9 @@ Input: the JSON-lines file train_stream.py writes, one object per line. Used kin
 Other kinds are ignored; malformed lines are skipped and counted. When a resumed run rewrites
 steps or epochs, the later line wins. Every panel shares one x-axis: the global step (default),
 the epoch, or the minutes since the run's first line (`--x time`, for time-to-accuracy
-comparisons). Train loss is the mean over each log interval; validation loss is over the whole
+comparisons). A resume with another batch size renumbers the global steps: such a run is drawn
+against epochs (step / that process's steps per epoch), and a curve breaks where a resume
+skipped the rest of an epoch. Train loss is the mean over each log interval; validation loss is over the whole
 validation set. Output (default: metrics.png beside the first input): 6 panels, 1200x800 pixels.
 """
 from __future__ import annotations
@@ -45,8 +47,13 @@ def resolve_path(path: str) -> str:
 
 
 def read_metrics(path: str) -> tuple[list[dict], list[dict], int]:
-    """(train rows sorted by step, val rows sorted by epoch, number of skipped lines)."""
+    """(train rows sorted by epoch and step, val rows sorted by epoch, number of skipped lines).
+
+    Each row gets `_segment`: which process wrote it (a `config` line starts a process; a resume
+    appends a new one), and `_batch`: that process's batch size, when its config line says.
+    """
     train, val, skipped, lines = {}, {}, 0, 0
+    segment, batch, used = 0, None, False
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             if not line.strip():
@@ -59,14 +66,23 @@ def read_metrics(path: str) -> tuple[list[dict], list[dict], int]:
                 continue
             if not isinstance(row, dict):
                 skipped += 1
-            elif row.get("kind") == "train":
+                continue
+            kind = row.get("kind")
+            if kind == "config":
+                segment, used = segment + used, False
+                batch = row.get("batch_size") if _number(row, "batch_size") else None
+            elif kind == "train":
                 if _number(row, "step") and _number(row, "loss"):
-                    train[row["step"]] = row
+                    # a resume with another batch size numbers its steps anew: (epoch, step) is unique
+                    epoch = row["epoch"] if _number(row, "epoch") else -1
+                    train[(epoch, row["step"])] = dict(row, _segment=segment, _batch=batch)
+                    used = True
                 else:
                     skipped += 1
-            elif row.get("kind") == "val":
+            elif kind == "val":
                 if _number(row, "epoch") and _number(row, "top1"):
-                    val[row["epoch"]] = row
+                    val[row["epoch"]] = dict(row, _segment=segment, _batch=batch)
+                    used = True
                 else:
                     skipped += 1
     if lines == 0:
@@ -77,36 +93,109 @@ def read_metrics(path: str) -> tuple[list[dict], list[dict], int]:
     return [train[k] for k in sorted(train)], [val[k] for k in sorted(val)], skipped
 
 
+def steps_per_epoch(train: list[dict], val: list[dict]) -> dict:
+    """{segment: steps per epoch}. A row's global step is epoch * steps_per_epoch + steps done in
+    the epoch, with the steps per epoch of the process that wrote it: exact from a validation row
+    (written at the epoch's end) or from an epoch's last training row (always logged) when a later
+    epoch follows; else scaled from another segment by the batch sizes; else the smallest value
+    the rows allow."""
+    exact = {}
+    for r in val:
+        if _number(r, "step") and r["step"] > 0:
+            exact.setdefault(r["_segment"], r["step"] / (r["epoch"] + 1))
+    last = {}
+    for r in train:
+        if _number(r, "epoch"):
+            key = (r["_segment"], r["epoch"])
+            last[key] = max(last.get(key, 0), r["step"])
+    for (seg, epoch), step in last.items():
+        if any(s == seg and e > epoch for s, e in last):
+            exact.setdefault(seg, step / (epoch + 1))
+    out = dict(exact)
+    for seg in {r["_segment"] for r in train} - set(exact):
+        batch = next((r["_batch"] for r in train if r["_segment"] == seg), None)
+        known = [(s, next((r["_batch"] for r in train + val if r["_segment"] == s), None)) for s in exact]
+        known = [(s, b) for s, b in known if b and batch]
+        if known:
+            s, b = min(known, key=lambda k: abs(k[0] - seg))  # the nearest process with a known size
+            out[seg] = exact[s] * b / batch
+        else:
+            out[seg] = max((step / (epoch + 1) for (s, epoch), step in last.items() if s == seg), default=None)
+    return out
+
+
 class Run:
-    """One run's rows with its x positions in the chosen unit."""
+    """One run's rows with its x positions in the chosen unit.
+
+    x='step' plots the global step, unless a resume changed the steps per epoch (another batch
+    size or number of processes renumbers the steps): then the run is plotted against epochs,
+    which stay monotone. The training curves break where steps were skipped (a resume that
+    started at the next epoch), instead of a line drawn across the gap.
+    """
 
     def __init__(self, label: str, train: list[dict], val: list[dict], x: str):
         self.label, self.train, self.val = label, train, val
         times = [r["time"] for r in train + val if _number(r, "time")]
-        t0 = min(times) if times else 0.0
-        # steps per epoch, from the last logged step of the first epoch (its last step is always logged)
-        first = min((r["epoch"] for r in train if _number(r, "epoch")), default=None)
-        ends = [r["step"] for r in train if r.get("epoch") == first]
-        spe = max(ends) / (first + 1) if ends else None
-        if not spe and val and _number(val[0], "step"):
-            spe = val[0]["step"] / (val[0]["epoch"] + 1)
+        self.t0 = min(times) if times else 0.0
+        for r in train + val:
+            r.setdefault("_segment", 0)
+            r.setdefault("_batch", None)
+        self.spe = steps_per_epoch(train, val)
+        sizes = sorted({round(v, 6) for v in self.spe.values() if v})
+        self.note = ""
+        if x == "step" and len(sizes) > 1:
+            order = [round(self.spe[s]) for s in sorted(self.spe) if self.spe[s]]
+            self.note = f"resumed with {' -> '.join(map(str, order))} steps per epoch"
+            x = "epoch"
+        self.set_x(x)
+        self.breaks = self._breaks()
 
-        def pos(row: dict, is_val: bool):
-            if x == "time":
-                return (row["time"] - t0) / 60 if _number(row, "time") else None
-            if x == "epoch":
-                if is_val:
-                    return row["epoch"] + 1  # validation happens at the end of its epoch
-                return row["step"] / spe if spe else None
-            return row.get("step") if _number(row, "step") else None
+    def set_x(self, x: str) -> None:
+        self.x = x
+        self.train_x = [self._pos(r, False) for r in self.train]
+        self.val_x = [self._pos(r, True) for r in self.val]
 
-        self.train_x = [pos(r, False) for r in train]
-        self.val_x = [pos(r, True) for r in val]
+    def _epochs(self, row: dict):
+        spe = self.spe.get(row["_segment"])
+        return row["step"] / spe if spe and _number(row, "step") else None
+
+    def _pos(self, row: dict, is_val: bool):
+        if self.x == "time":
+            return (row["time"] - self.t0) / 60 if _number(row, "time") else None
+        if self.x == "epoch":
+            if is_val:
+                return row["epoch"] + 1  # validation happens at the end of its epoch
+            return self._epochs(row)
+        return row.get("step") if _number(row, "step") else None
+
+    def _breaks(self) -> set:
+        """Indices of training rows that follow a gap: a new process that did not continue where
+        the previous one stopped (it started at a later epoch than the last row's, which was
+        not at its epoch's end)."""
+        out = set()
+        for i in range(1, len(self.train)):
+            a, b = self.train[i - 1], self.train[i]
+            if a["_segment"] == b["_segment"] or not (_number(a, "epoch") and _number(b, "epoch")):
+                continue
+            spe = self.spe.get(a["_segment"])
+            at_end = bool(spe) and abs(a["step"] - (a["epoch"] + 1) * spe) < 1e-6
+            if b["epoch"] > a["epoch"] + (1 if at_end else 0):
+                out.add(i)
+        return out
 
     def series(self, key: str, val: bool = False):
+        """(xs, ys); for training rows a NaN point at each gap, where matplotlib breaks the line."""
         rows, xs = (self.val, self.val_x) if val else (self.train, self.train_x)
-        pts = [(x, r[key]) for x, r in zip(xs, rows) if x is not None and _number(r, key)]
-        return [p[0] for p in pts], [p[1] for p in pts]
+        out_x, out_y = [], []
+        for i, (x, r) in enumerate(zip(xs, rows)):
+            if x is None or not _number(r, key):
+                continue
+            if not val and i in self.breaks and out_x:
+                out_x.append(math.nan)
+                out_y.append(math.nan)
+            out_x.append(x)
+            out_y.append(r[key])
+        return out_x, out_y
 
     def best(self):
         """(x, top1, epoch) of the best validation epoch, or None."""
@@ -114,7 +203,7 @@ class Run:
         return max(pts, key=lambda p: p[1]) if pts else None
 
     def summary(self) -> str:
-        lines = [self.label]
+        lines = [self.label] + ([f"  {self.note}:", "  x axis in epochs"] if self.note else [])
         best = self.best()
         if best:
             lines.append(f"  best top-1 {best[1]:.2f}% (epoch {best[2]})")
@@ -133,7 +222,20 @@ def make_figure(runs: list[Run], x: str = "step"):
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
 
+    class PlainLogFormatter(LogFormatter):
+        """matplotlib's choice of which log ticks to label, written as plain decimals (2, 0.5)
+        instead of 2x10^0 or 1e-01."""
+
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    units = {run.x for run in runs}
+    if len(units) > 1:  # one x-axis for every run: epochs when any run cannot use steps
+        for run in runs:
+            run.set_x("epoch")
+    x = runs[0].x if runs else x
     fig, axes = plt.subplots(2, 3, figsize=FIGSIZE, dpi=DPI)
     (ax_loss, ax_acc, ax_lr), (ax_fps, ax_wait, ax_text) = axes
     several = len(runs) > 1
@@ -153,10 +255,11 @@ def make_figure(runs: list[Run], x: str = "step"):
                 ax_acc.plot(xs, ys, "s:", color="C1", ms=3, label="top-5")
         best = run.best()
         if best:
-            ax_acc.plot([best[0]], [best[1]], "*", color=colour, ms=14, zorder=5)
-            ax_acc.annotate(f"best {best[1]:.1f}% (epoch {best[2]})", (best[0], best[1]),
-                            textcoords="offset points", xytext=(-10, -16 - 11 * k), ha="right", fontsize=8,
-                            color=colour)  # one line lower per run: labels of several runs never overlap
+            ax_acc.plot([best[0]], [best[1]], "*", color=colour, ms=14, zorder=5, clip_on=False)
+            # inside the axes, bottom right (below a rising curve), one line higher per run
+            ax_acc.text(0.98, 0.03 + 0.08 * k, f"{name}best {best[1]:.1f}% (epoch {best[2]})", ha="right",
+                        va="bottom", fontsize=8, color=colour, transform=ax_acc.transAxes, zorder=6,
+                        bbox=dict(boxstyle="round,pad=0.2", fc="white", ec=colour, alpha=0.85))
         ax_lr.plot(*run.series("lr"), lw=1, color=colour, label=run.label)
         ax_fps.plot(*run.series("img_per_s"), lw=1, color=colour, label=run.label)
         xs, ys = run.series("data_wait")
@@ -164,6 +267,8 @@ def make_figure(runs: list[Run], x: str = "step"):
     ax_loss.set(title="loss", ylabel="loss (log scale)")
     if any(line.get_ydata().size and (line.get_ydata() > 0).all() for line in ax_loss.lines):
         ax_loss.set_yscale("log")  # an early spike would flatten a linear axis
+        ax_loss.yaxis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+        ax_loss.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
     ax_acc.set(title="validation accuracy", ylabel="%")
     ax_lr.set(title="learning rate", ylabel="LR")
     ax_fps.set(title="throughput", ylabel="images / s (global)")
@@ -173,14 +278,14 @@ def make_figure(runs: list[Run], x: str = "step"):
                  family="monospace", transform=ax_text.transAxes)
     xmax = max([v for r in runs for v in r.train_x + r.val_x if v is not None], default=1.0)
     for ax in (ax_loss, ax_acc, ax_lr, ax_fps, ax_wait):
-        ax.set_xlabel(X_LABELS[x])
+        ax.set_xlabel(X_LABELS[x])  # a run's reason for epochs is in its notes
         ax.set_xlim(0, xmax * 1.02 if xmax > 0 else 1.0)  # one x-axis for every panel, from 0
         ax.grid(alpha=0.3)
         if not ax.lines:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     for ax in (ax_loss, ax_acc) + ((ax_lr, ax_fps, ax_wait) if several else ()):
         if ax.lines:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper left" if ax is ax_acc else "best")
     fig.tight_layout()
     return fig
 

@@ -7,11 +7,14 @@ our shards or an ImageFolder).
     python tools/validate.py runs/r50/best.pth --data /data/imagenet/val  # an ImageFolder
     python tools/validate.py resnet50.gluon_in1k --pretrained --data /data/imagenet  # timm's weights
 
-A checkpoint may be ours (`last.pth`, `best.pth`), timm's (`model_best.pth.tar`) or a bare
-state_dict; the model name, class count and eval geometry come from the checkpoint's run when it
-recorded them, else from the flags and timm's defaults for the model. Validation uses the
-training run's precision and batch size, so a checkpoint scores what its run printed for that
-epoch. The last stdout line is a JSON object.
+A checkpoint may be ours (`last.pth`, `best.pth`), timm's (`model_best.pth.tar`, read with an
+allow-list, never a full unpickle) or a bare state_dict. The flags win; else the model name,
+class count, eval geometry and data path come from the checkpoint's run when it recorded them;
+else the eval geometry is the model's pretrained config (timm's resolve_data_config, test-time
+size and crop when the model has them, as timm's validate.py). A `pipe:` data path recorded in a
+checkpoint is never run: type it with --data. Validation uses the training run's precision and
+batch size, so a checkpoint scores what its run printed for that epoch. The last stdout line is
+a JSON object.
 """
 from __future__ import annotations
 
@@ -24,22 +27,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone
 
 from common.errors import DataError, UserError, user_message  # noqa: E402
-from common.host import default_workers  # noqa: E402
-from engine.inference import (  # noqa: E402
-    as_percent,
-    eval_settings,
-    evaluate,
-    file_loader,
-    image_folder_items,
-    load_model,
-)
-from model.device import resolve_device  # noqa: E402
-from model.precision import resolve_precision  # noqa: E402
-from pipeline.info import INFO_NAMES, check_local_shards, is_remote, load_info  # noqa: E402
-from pipeline.loader import create_loader  # noqa: E402
-from pipeline.prefetch import DevicePrefetcher, Normalize  # noqa: E402
-from pipeline.transforms import EvalTransform  # noqa: E402
 
+# torch, timm and the pipeline are imported after the arguments are parsed (inside run()):
+# --help and a usage error answer at once instead of after seconds of imports.
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="validate.py", description=__doc__.split("\n\n")[0])
@@ -52,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, help="default: the run's, else timm's for the model")
     p.add_argument("--crop-pct", type=float, help="default: the run's, else timm's for the model")
     p.add_argument("--interpolation", choices=("bilinear", "bicubic"), help="default: the run's, else timm's")
+    p.add_argument("--use-train-size", action="store_true",
+                   help="for a model without our run's settings: timm's training size and crop_pct, not its "
+                   "test-time ones (timm's validate.py flag)")
     p.add_argument("--tta", choices=("none", "flip"), help="flip: sum the logits of each image and its mirror "
                    "image (default: the run's --val-tta)")
     p.add_argument("-b", "--batch-size", type=int, help="default: the run's -b, else 256")
@@ -63,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def batches_for(data: str, classes, transform: EvalTransform, batch_size: int, workers: int, pin: bool):
+def batches_for(data: str, classes, transform, batch_size: int, workers: int, pin: bool):
     """(iterable of uint8 NHWC batches, number of images expected, class names)."""
+    from engine.inference import file_loader, image_folder_items
+    from pipeline.info import INFO_NAMES, check_local_shards, is_remote, load_info
+    from pipeline.loader import create_loader
+
     if is_remote(data) or any(os.path.isfile(os.path.join(data, n)) for n in INFO_NAMES):
         info = load_info(data)
         split = info.split("validation")
@@ -78,15 +75,72 @@ def batches_for(data: str, classes, transform: EvalTransform, batch_size: int, w
     return ((x, y) for x, y, _, _ in loader), len(items), names
 
 
-def run(args) -> dict:
-    dev = resolve_device(args.device)
-    loaded = load_model(args.checkpoint, model_name=args.model, num_classes=args.num_classes,
-                        pretrained=args.pretrained, ema=args.use_ema, device=dev)
-    cfg = loaded.config
-    data = args.data or cfg.get("data_path")
-    if not data:
+def model_name(flag: str | None, source: str) -> str | None:
+    """--model, else for a checkpoint of timm's train.py the model its flags name (`args.model`):
+    timm's files record no `config`. Read with timm's metadata loader (weights_only with the
+    argparse.Namespace allowed, memory-mapped tensors); None when there is nothing to read, and
+    load_model reports an unreadable file itself."""
+    if flag or not os.path.isfile(source):
+        return flag
+    import argparse
+
+    from timm.utils.checkpoint_saver import load_checkpoint_metadata
+    try:
+        ckpt = load_checkpoint_metadata(source)
+    except Exception:  # damaged or hostile: load_model reads it again and says why in one line
+        return None
+    if not isinstance(ckpt, dict) or isinstance(ckpt.get("config"), dict):
+        return None
+    name = getattr(ckpt.get("args"), "model", None) if isinstance(ckpt.get("args"), argparse.Namespace) else None
+    return name if isinstance(name, str) and name else None
+
+
+def data_source(typed: str | None, config: dict) -> str:
+    """--data, else the data path the checkpoint's run recorded. A `pipe:` path runs a shell
+    command, so it is used only when typed on this command line, never from a file."""
+    if typed:
+        return typed
+    data = config.get("data_path")
+    if not data or not isinstance(data, str):
         raise DataError("no --data given and the checkpoint records no data path")
-    size, crop_pct, interp = eval_settings(loaded, args.img_size, args.crop_pct, args.interpolation)
+    if data.startswith("pipe:"):
+        raise DataError(f"the checkpoint records the data path {data!r}, a shell command, which runs only when "
+                        "typed on the command line: pass --data explicitly")
+    return data
+
+
+def eval_geometry(loaded, img_size=None, crop_pct=None, interpolation=None,
+                  use_train_size: bool = False) -> tuple[int, float, str]:
+    """(size, crop_pct, interpolation). The flags win. A checkpoint of our trainer then gives its
+    run's validation settings (--val-res/--val-crop-pct, else --img-size/--crop-pct, and
+    --interpolation), so it scores what the run printed. Anything else (a timm model name, timm's
+    or a bare checkpoint) gets the model's pretrained config through timm's resolve_data_config,
+    with its test-time size and crop when it has them, as timm's validate.py does."""
+    if loaded.config.get("img_size"):  # recorded by every run of train_stream.py
+        from engine.inference import eval_settings
+        return eval_settings(loaded, img_size, crop_pct, interpolation)
+    from timm.data import resolve_data_config
+    flags = {"img_size": img_size, "crop_pct": crop_pct, "interpolation": interpolation}
+    cfg = resolve_data_config(flags, model=loaded.model, use_test_size=not use_train_size)
+    interp = cfg["interpolation"] if cfg["interpolation"] in ("bilinear", "bicubic") else "bicubic"
+    return int(cfg["input_size"][-1]), float(cfg["crop_pct"]), interp
+
+
+def run(args) -> dict:
+    from common.host import default_workers
+    from engine.inference import as_percent, evaluate, load_model
+    from model.device import resolve_device
+    from model.precision import resolve_precision
+    from pipeline.prefetch import DevicePrefetcher, Normalize
+    from pipeline.transforms import EvalTransform
+
+    dev = resolve_device(args.device)
+    loaded = load_model(args.checkpoint, model_name=model_name(args.model, args.checkpoint),
+                        num_classes=args.num_classes, pretrained=args.pretrained, ema=args.use_ema, device=dev)
+    cfg = loaded.config
+    data = data_source(args.data, cfg)
+    size, crop_pct, interp = eval_geometry(loaded, args.img_size, args.crop_pct, args.interpolation,
+                                           args.use_train_size)
     amp = args.amp if args.amp is not None else cfg.get("amp", True)
     precision = resolve_precision(dev, amp=amp, amp_dtype=args.amp_dtype or cfg.get("amp_dtype"))
     batch = args.batch_size or cfg.get("batch_size") or 256
