@@ -23,14 +23,16 @@ import hashlib
 import logging
 import math
 import multiprocessing as mp
+import os
 import random
+import re
 import time
 from typing import NamedTuple
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from common.errors import DataLoadingError
+from common.errors import DataLoadingError, SharedMemoryError
 
 from .info import is_remote
 from .plan import eval_batches, eval_plan, train_plan, train_steps
@@ -128,12 +130,32 @@ class Counters:
         return self.array[self.base + stat]
 
 
+_SHM_NAME = re.compile(r"<(/torch_\d+_\d+_\d+)>")
+
+
 def empty(shape, dtype, shared: bool) -> torch.Tensor:
-    """A new tensor; inside a worker it is born in shared memory, so sending it costs no copy."""
+    """A new tensor; inside a worker it is born in shared memory, so sending it costs no copy.
+
+    When /dev/shm is full, torch raises "unable to allocate shared memory" and leaves behind the
+    file it had created, at the full size asked for (sparse); it is removed here, and the error
+    becomes one line."""
     if not shared:
         return torch.empty(shape, dtype=dtype)
     base = torch.empty(0, dtype=dtype)
-    return base.new(base._typed_storage()._new_shared(math.prod(shape))).view(shape)
+    try:
+        storage = base._typed_storage()._new_shared(math.prod(shape))
+    except RuntimeError as e:
+        found = _SHM_NAME.search(str(e))
+        if found is None:
+            raise
+        try:
+            os.unlink("/dev/shm" + found.group(1))
+        except OSError:
+            pass
+        need = math.prod(shape) * base.element_size()
+        raise SharedMemoryError(f"/dev/shm is full: no room for a {need:,}-byte batch: give it more room (docker "
+                                "run --shm-size), or lower --workers, -b or --prefetch-factor") from None
+    return base.new(storage).view(shape)
 
 
 class Memory:
