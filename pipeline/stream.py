@@ -74,8 +74,10 @@ PAD_POOL = 16  # a worker whose stream ran dry repeats one of its last PAD_POOL 
 PAD_POOL_BYTES = 32 << 20  # ... that add up to at most this (one sample at least): 16 ImageNet samples are ~2 MB
 
 def sample_bytes(sample) -> int:
-    """Bytes of a sample's members (what holding it costs, less a small constant)."""
-    return sum(len(v) for k, v in sample.items() if not k.startswith("__"))
+    """Bytes of a sample's members (what holding it costs, less a small constant); read_pieces
+    notes it in the sample once, as '__bytes__'."""
+    n = sample.get("__bytes__")
+    return n if n is not None else sum(len(v) for k, v in sample.items() if not k.startswith("__"))
 
 
 class SharedState:
@@ -226,6 +228,7 @@ def read_pieces(urls, pieces, warn, counters: Counters, remote: RemoteOptions | 
                 with open_shard(url, remote.timeout) as f:
                     for sample in iter_samples(f, p.skip + got, p.take - got, max_sample_bytes):
                         sample["__index__"] = (p.shard, p.skip + got)
+                        sample["__bytes__"] = sample_bytes(sample)
                         got += 1
                         yield sample
                 if got < p.take:
@@ -348,6 +351,7 @@ class ShardStream(IterableDataset):
         self.shared = shared if shared is not None else SharedState(num_workers)
         self.num_classes, self.remote = num_classes, remote or RemoteOptions()
         self.max_sample_bytes, self.shuffle_bytes = max_sample_bytes, shuffle_bytes
+        self.named = set()  # (shard, index) of the oversize samples this worker has warned about
         self.memory = None  # made in the worker, kept across epochs with persistent workers
         # the largest image size of the run (progressive resizing), for the buffer pool
         self.largest = largest or getattr(getattr(builder, "transform", None), "size", 0)
@@ -426,6 +430,10 @@ class ShardStream(IterableDataset):
                 counters.add(Stat.SKIPPED)
                 if pad is not None:
                     failed.add(pad)
+                if "__oversize__" in sample:  # named once per worker, not every epoch
+                    if sample["__index__"] in self.named:
+                        continue
+                    self.named.add(sample["__index__"])
                 reason = str(e) if isinstance(e, DecodeError) else f"{type(e).__name__}: {e}"
                 warn(f"skipped sample {sample.get('__key__')!r}: {reason}")
                 continue
