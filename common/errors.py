@@ -33,6 +33,10 @@ class ShardError(UserError):
     exit_code = 1
 
 
+class SharedMemoryError(UserError):
+    """The shared memory (/dev/shm) is too small for the loader workers' batches."""
+
+
 class DeviceError(UserError):
     """A device that was asked for is not usable."""
 

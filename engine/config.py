@@ -244,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flip: validate on the sum of the logits of each image and its mirror image")
     g.add_argument("--blurpool", action=argparse.BooleanOptionalAction, default=False,
                    help="blur (3x3 binomial, depthwise) before every strided conv with 16+ input channels")
+    from pipeline.shards import MAX_SAMPLE_BYTES, SHUFFLE_BYTES, byte_size
+    g = p.add_argument_group("data safety (memory bounded by these, not by what a shard claims)")
+    g.add_argument("--max-sample-bytes", type=byte_size, default=MAX_SAMPLE_BYTES, metavar="SIZE",
+                   help="a sample whose members add up to more is skipped unread and counted "
+                        "(K/M/G suffixes; default: 64M; an ImageNet JPEG is under 20 MB)")
+    g.add_argument("--shuffle-buffer-bytes", type=byte_size, default=SHUFFLE_BYTES, metavar="SIZE",
+                   help="the most bytes of samples each worker's shuffle buffer holds, besides --shuffle-buffer "
+                        "samples (default: 256M; 2048 ImageNet samples take ~220 MB)")
     return p
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from common.errors import ConfigError, DataError
 from pipeline.augment import ColorJitter, DeviceAugment, Mixup, RandomErasing, WorkerColorJitter
 from pipeline.info import check_local_shards, load_info
-from pipeline.loader import BatchLoader, create_loader
+from pipeline.loader import BatchLoader, check_shared_memory, create_loader
 from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize
 from pipeline.randaugment import RandAugment
 from pipeline.remote import RemoteOptions
@@ -123,6 +123,8 @@ def make_data(args, d: Dist) -> Data:
         how = f"DALI ({train.settings()['decoder']}, {workers} threads, {train.py_workers} reader processes)/rank"
     else:
         how = f"{workers} workers/rank, decode {args.decode}"
+    if args.loader == "ours":  # before set-up: the workers' batches must fit the node's /dev/shm
+        check_shared_memory([train, val], d.local_world)
     d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
           f"{len(train)} steps/epoch/rank, {how}")
     if val is not None:
@@ -159,12 +161,13 @@ def _our_maker(args, d: Dist, workers: int, num_classes: int, remote, resolution
                   rank=d.rank, decoder=args.decode, pin_memory=d.device.pin_memory(),
                   prefetch_factor=args.prefetch_factor, persistent=args.use_multi_epochs_loader,
                   reuse_buffers=True,  # DevicePrefetcher copies each batch before the next
-                  num_classes=num_classes, remote=remote)
+                  num_classes=num_classes, remote=remote, max_sample_bytes=args.max_sample_bytes)
 
     def make(split, train: bool, batch_size: int):
         check_local_shards(split)
         if train:
             return create_loader(split, train=True, batch_size=batch_size, shuffle_buffer=args.shuffle_buffer,
+                                 shuffle_bytes=args.shuffle_buffer_bytes,
                                  train_interpolation=args.train_interpolation,
                                  augment=worker_augment(args, d), img_size=resolution.min_res,
                                  largest_img_size=resolution.largest, crop_pct=args.crop_pct, **common)

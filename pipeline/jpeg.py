@@ -13,6 +13,10 @@ import re
 # (~89.5 MP, 1024 MiB of 32-bit pixels / 3). ImageNet's largest image is far below it; a file
 # whose header claims more is skipped as a decompression bomb (loader and make_shards alike).
 MAX_PIXELS = 89_478_485
+# ... and the most bytes its decoded pixels may take: PIL's budget behind MAX_PIXELS, 4 bytes a
+# pixel (~341 MiB), so 8-bit RGB and RGBA keep the pixel limit while 16 bits a channel count twice
+# (a 9000x9000 16-bit PNG is under MAX_PIXELS but takes 486 MB as pixels).
+MAX_DECODED_BYTES = MAX_PIXELS * 4
 
 # All start-of-frame markers; C4 (DHT), C8 (JPG) and CC (DAC) share the range but are not frames.
 SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}

@@ -10,6 +10,10 @@ batches into the shared buffers of batches already consumed instead of fresh sha
 
 Faults: a worker that dies (killed, out of memory) or sends nothing for `timeout` seconds
 (a hung read that no stall timeout caught) ends the epoch with a one-line DataLoadingError.
+Shared memory: worker batches live in /dev/shm until the consumer is done with them. A container's
+/dev/shm is often 64 MB (docker's default) or less, where torch fails mid-epoch with "unable to
+allocate shared memory"; `check_shared_memory` refuses such a run before any worker starts.
+
 Workers ignore SIGTERM and SIGUSR1 from anyone but the main process: preemption is its business
 (engine/control.py), and it stops at a step boundary.
 """
@@ -22,16 +26,17 @@ from typing import Iterator, Protocol, runtime_checkable
 
 from torch.utils.data import DataLoader
 
-from common.errors import DataLoadingError
+from common.errors import DataLoadingError, SharedMemoryError
 
 from .info import is_remote
 from .plan import round_robin
 from .remote import RemoteOptions
-from .stream import Batch, PixelBatches, ShardStream, SharedState
+from .stream import MAX_SAMPLE_BYTES, SHUFFLE_BYTES, Batch, PixelBatches, ShardStream, SharedState
 from .transforms import EvalTransform, TrainTransform
 
 DECODERS = ("cpu", "pil", "gpu")
 LOADER_TIMEOUT = 600  # seconds without a batch before a local-data loader gives up (a hung read)
+SHM_PATH = "/dev/shm"  # where torch puts the shared memory of worker batches (Linux)
 
 
 @runtime_checkable
@@ -90,6 +95,34 @@ def worker_failure(error: BaseException) -> str | None:
     return None
 
 
+def shm_free(path: str = SHM_PATH) -> int | None:
+    """Bytes free for shared memory, or None where there is no such file system (macOS)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2 ** 30:.1f} GB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MB"
+
+
+def check_shared_memory(loaders, processes: int = 1) -> None:
+    """SharedMemoryError (one line) when /dev/shm has less free space than the batches in flight
+    of `loaders` need, times `processes` (the training processes of this node share it)."""
+    need = processes * sum(getattr(loader, "shared_memory_need", lambda: 0)() for loader in loaders if loader)
+    free = shm_free()
+    if not need or free is None or free >= need:
+        return
+    workers = sum(getattr(loader, "num_workers", 0) for loader in loaders if loader)
+    per = f" x {processes} processes" if processes > 1 else ""
+    raise SharedMemoryError(
+        f"{SHM_PATH} has {_mb(free)} free but the batches in flight of {workers} loader workers{per} need "
+        f"{_mb(need)}: give it more (docker run --shm-size={-(-need // 2 ** 30) + 1}g, or mount a larger "
+        f"tmpfs), or lower --workers, -b or --prefetch-factor")
+
+
 class StreamLoader:
     """A BatchLoader of (images, labels) from a ShardStream, in DataLoader worker processes.
 
@@ -107,8 +140,19 @@ class StreamLoader:
             persistent_workers=persistent and num_workers > 0,
             timeout=timeout if num_workers > 0 else 0,
             worker_init_fn=_worker_init if num_workers > 0 else None)
+        self.prefetch_factor = prefetch_factor
         self._start = self._zeros()
         self._trace = []
+
+    def shared_memory_need(self) -> int:
+        """Bytes of shared memory the workers' batches may hold at once: per worker, the
+        prefetched batches, one the consumer holds and one being pinned (the buffer pool's size),
+        each at the largest image size of the run."""
+        if self.num_workers == 0:
+            return 0
+        ds = self.dataset
+        batch = ds.batch_size * (ds.largest ** 2 * 3 + 8)
+        return self.num_workers * (self.prefetch_factor + 2) * batch
 
     def _zeros(self):
         return [[0, 0, 0] for _ in range(max(1, self.num_workers))]
@@ -150,6 +194,8 @@ class StreamLoader:
         """(images, labels) batches; a pooled buffer goes back to its worker when the consumer
         asks for the next batch."""
         slot, self._trace = -1, []
+        if getattr(self.loader, "_iterator", None) is None:  # workers are about to start
+            check_shared_memory([self])
         try:
             for batch in self.loader:
                 self.shared.release(slot)
@@ -180,7 +226,8 @@ def create_loader(split, *, train: bool, batch_size: int, img_size: int = 224,
                   pin_memory: bool = False, prefetch_factor: int = 4, persistent: bool = True,
                   reuse_buffers: bool = False, num_classes: int | None = None,
                   remote: RemoteOptions | None = None, timeout: float | None = None,
-                  largest_img_size: int | None = None) -> StreamLoader:
+                  largest_img_size: int | None = None, max_sample_bytes: int | None = MAX_SAMPLE_BYTES,
+                  shuffle_bytes: int | None = SHUFFLE_BYTES) -> StreamLoader:
     """A loader of uint8 NHWC batches (or, with decoder='gpu', of JPEG bytes + crop boxes).
 
     `augment(out, rng)` (train only) changes each HWC uint8 crop in the worker, e.g. a
@@ -191,6 +238,8 @@ def create_loader(split, *, train: bool, batch_size: int, img_size: int = 224,
     batch before the loader gives up (default: LOADER_TIMEOUT, plus what the remote retries may
     take). `largest_img_size`: the largest size `set_img_size` will ask for (progressive
     resizing; default img_size): the reused batch buffers are made that large.
+    `max_sample_bytes`: a larger sample is skipped unread and counted; `shuffle_bytes`: the most
+    bytes of samples a worker's shuffle buffer holds (None: no limit, for either).
     """
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
@@ -214,7 +263,8 @@ def create_loader(split, *, train: bool, batch_size: int, img_size: int = 224,
     dataset = ShardStream(split, builder, batch_size=batch_size, train=train, seed=seed,
                           world_size=world_size, rank=rank, num_workers=num_workers,
                           shuffle_buffer=shuffle_buffer, shared=shared, num_classes=num_classes,
-                          remote=remote, largest=max(img_size, largest_img_size or 0))
+                          remote=remote, largest=max(img_size, largest_img_size or 0),
+                          max_sample_bytes=max_sample_bytes, shuffle_bytes=shuffle_bytes)
     if timeout is None:
         remote_reads = any(is_remote(u) for u in split.urls)
         timeout = LOADER_TIMEOUT + (dataset.remote.worst_case() if remote_reads else 0)

@@ -5,7 +5,8 @@ Reading: samples out of one shard with a minimal reader instead of webdataset's
 per sample (BENCHMARKS.md). It groups members into samples the webdataset way (key = path up to
 the first dot of the file name, extension lower-cased), reads USTAR, PAX and GNU long-name
 headers, skips the first `skip` samples by seeking where the file allows it, and reports a
-truncated or corrupt shard instead of dying. Remote shards (http, pipe:) are opened by
+truncated or corrupt shard instead of dying. A member is read once into one buffer; a sample
+over the byte limit is skipped unread. Remote shards (http, pipe:) are opened by
 `pipeline.remote`, with timeouts.
 
 Writing: USTAR headers built by hand (tarfile's addfile costs several times more per sample,
@@ -13,6 +14,7 @@ BENCHMARKS.md); the bytes equal tarfile's for the same members (tests/test_make_
 """
 from __future__ import annotations
 
+import math
 import os
 
 from .info import is_remote
@@ -37,16 +39,48 @@ MAX_HEADER_DATA = 1 << 20  # PAX / GNU long-name records
 _CHUNK = 1 << 24
 
 
+# Memory per worker is bounded by the data's size, not trusted to it: a sample over
+# MAX_SAMPLE_BYTES is skipped unread (an ImageNet JPEG is under 20 MB), and the shuffle buffer
+# holds at most SHUFFLE_BYTES besides its sample count (2048 ImageNet samples, ~110 KB each,
+# take ~220 MB, so on ImageNet the count binds first and the order is the count-only order).
+MAX_SAMPLE_BYTES = 64 << 20
+SHUFFLE_BYTES = 256 << 20
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def byte_size(text) -> int:
+    """'64M', '1.5G', '4096' (bytes; K/M/G/T are powers of 1024) -> bytes; ValueError otherwise."""
+    t = str(text).strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    try:
+        value = float(t[:len(t) - len(unit)])
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size (e.g. 64M, 1G, 4096)") from None
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"{text!r}: a size must be at least 1 byte")
+    return int(value * _UNITS[unit])
+
+
+def _holds(f, n: int) -> bool:
+    """Whether a local file still holds n bytes after its position."""
+    try:
+        return os.fstat(f.fileno()).st_size - f.tell() >= n
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def _read_exact(f, n: int) -> bytearray:
-    if n > _CHUNK:  # a large claim: allocate only what actually arrives
-        chunks, got = [], 0
-        while got < n:
-            chunk = f.read(min(n - got, _CHUNK))
+    """n bytes, read into one buffer: a member is held once, never copied."""
+    if n > _CHUNK and not _holds(f, n):
+        # a large claim the stream may not hold: grow the buffer as bytes arrive (CPython grows a
+        # large bytearray with realloc, in place), so a lying header costs only what arrives
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = f.read(min(n - len(buf), _CHUNK))
             if not chunk:
-                raise ShardCorrupt(f"ends inside a member ({got} of {n} bytes)")
-            chunks.append(chunk)
-            got += len(chunk)
-        return bytearray(b"".join(chunks))
+                raise ShardCorrupt(f"ends inside a member ({len(buf)} of {n} bytes)")
+            buf += chunk
+        return buf
     buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:
@@ -153,25 +187,34 @@ def split_key(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1:].lower()
 
 
-def iter_samples(f, skip: int = 0, take: int | None = None):
+def iter_samples(f, skip: int = 0, take: int | None = None, max_bytes: int | None = None):
     """Yield samples {'__key__': key, ext: bytearray} number skip .. skip+take-1 of the shard.
 
-    Raises ShardCorrupt after the last intact sample when the shard is damaged.
+    `max_bytes`: a sample whose members add up to more is yielded as {'__key__': key,
+    '__oversize__': why}, its large member skipped unread (seeked over where the
+    stream allows it), so a hostile member never enters memory. Raises ShardCorrupt after the
+    last intact sample when the shard is damaged.
     """
-    index, key, sample = -1, None, None
+    index, key, sample, held = -1, None, None, 0
     end = None if take is None else skip + take
-    for name, _size, read in members(f):
+    for name, size, read in members(f):
         k, ext = split_key(name)
         if k != key:
             if sample is not None:
                 yield sample
-            index, key, sample = index + 1, k, None
+            index, key, sample, held = index + 1, k, None, 0
             if end is not None and index >= end:
                 return
             if index >= skip:
                 sample = {"__key__": k}
-        if sample is not None and ext:
-            sample[ext] = read()
+        if sample is None or not ext or "__oversize__" in sample:
+            continue
+        held += size
+        if max_bytes is not None and held > max_bytes:
+            sample = {"__key__": k, "__oversize__": f"member {name} ({size:,} bytes) takes it over the "
+                                                    f"limit of {max_bytes:,} bytes a sample"}
+            continue
+        sample[ext] = read()
     if sample is not None:
         yield sample
 

@@ -23,19 +23,21 @@ import hashlib
 import logging
 import math
 import multiprocessing as mp
+import os
 import random
+import re
 import time
 from typing import NamedTuple
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from common.errors import DataLoadingError
+from common.errors import DataLoadingError, SharedMemoryError
 
 from .info import is_remote
 from .plan import eval_batches, eval_plan, train_plan, train_steps
 from .remote import RemoteError, RemoteOptions
-from .shards import ShardCorrupt, iter_samples, open_shard
+from .shards import MAX_SAMPLE_BYTES, SHUFFLE_BYTES, ShardCorrupt, byte_size, iter_samples, open_shard  # noqa: F401
 from .transforms import DecodeError
 
 log = logging.getLogger("pipeline")
@@ -69,6 +71,13 @@ class Batch(NamedTuple):
 # Per worker, what a resumed epoch skips: [batches consumed, samples taken, pads drawn].
 PROGRESS = 3
 PAD_POOL = 16  # a worker whose stream ran dry repeats one of its last PAD_POOL samples
+PAD_POOL_BYTES = 32 << 20  # ... that add up to at most this (one sample at least): 16 ImageNet samples are ~2 MB
+
+def sample_bytes(sample) -> int:
+    """Bytes of a sample's members (what holding it costs, less a small constant); read_pieces
+    notes it in the sample once, as '__bytes__'."""
+    n = sample.get("__bytes__")
+    return n if n is not None else sum(len(v) for k, v in sample.items() if not k.startswith("__"))
 
 
 class SharedState:
@@ -123,12 +132,32 @@ class Counters:
         return self.array[self.base + stat]
 
 
+_SHM_NAME = re.compile(r"<(/torch_\d+_\d+_\d+)>")
+
+
 def empty(shape, dtype, shared: bool) -> torch.Tensor:
-    """A new tensor; inside a worker it is born in shared memory, so sending it costs no copy."""
+    """A new tensor; inside a worker it is born in shared memory, so sending it costs no copy.
+
+    When /dev/shm is full, torch raises "unable to allocate shared memory" and leaves behind the
+    file it had created, at the full size asked for (sparse); it is removed here, and the error
+    becomes one line."""
     if not shared:
         return torch.empty(shape, dtype=dtype)
     base = torch.empty(0, dtype=dtype)
-    return base.new(base._typed_storage()._new_shared(math.prod(shape))).view(shape)
+    try:
+        storage = base._typed_storage()._new_shared(math.prod(shape))
+    except RuntimeError as e:
+        found = _SHM_NAME.search(str(e))
+        if found is None:
+            raise
+        try:
+            os.unlink("/dev/shm" + found.group(1))
+        except OSError:
+            pass
+        need = math.prod(shape) * base.element_size()
+        raise SharedMemoryError(f"/dev/shm is full: no room for a {need:,}-byte batch: give it more room (docker "
+                                "run --shm-size), or lower --workers, -b or --prefetch-factor") from None
+    return base.new(storage).view(shape)
 
 
 class Memory:
@@ -181,7 +210,8 @@ class RateLimited:
             log.warning("%s%s", msg, f" ({n} so far in this worker)" if n > 5 else "")
 
 
-def read_pieces(urls, pieces, warn, counters: Counters, remote: RemoteOptions | None = None):
+def read_pieces(urls, pieces, warn, counters: Counters, remote: RemoteOptions | None = None,
+                max_sample_bytes: int | None = MAX_SAMPLE_BYTES):
     """Samples of the planned pieces, each tagged `__index__` = (shard, index in the shard).
 
     A damaged or missing shard loses only what it lacks. A remote read that fails (no
@@ -196,8 +226,9 @@ def read_pieces(urls, pieces, warn, counters: Counters, remote: RemoteOptions | 
         while True:
             try:
                 with open_shard(url, remote.timeout) as f:
-                    for sample in iter_samples(f, p.skip + got, p.take - got):
+                    for sample in iter_samples(f, p.skip + got, p.take - got, max_sample_bytes):
                         sample["__index__"] = (p.shard, p.skip + got)
+                        sample["__bytes__"] = sample_bytes(sample)
                         got += 1
                         yield sample
                 if got < p.take:
@@ -218,22 +249,44 @@ def read_pieces(urls, pieces, warn, counters: Counters, remote: RemoteOptions | 
                 break
 
 
-def shuffled(samples, size: int, rng):
-    """webdataset-style shuffle buffer: fill `size` samples, then emit one at random per input."""
-    buf = []
+def shuffled(samples, size: int, rng, max_bytes: int | None = None):
+    """webdataset-style shuffle buffer: fill `size` samples, then emit one at random per input.
+
+    `max_bytes`: the buffer also holds at most this many bytes of samples (one sample at least).
+    An input that does not fit takes the place of one emitted at random, and more are emitted
+    at random until the buffer is back under the budget; it then fills again. Under the budget
+    the order is the count-only order. Either way the order is a function of the input (its
+    samples and their sizes) and `rng` alone, so a resumed worker that replays the same reads
+    rebuilds the same buffer (exact resume).
+    """
+    buf, held = [], 0
     for s in samples:
-        if len(buf) < size:
+        n = sample_bytes(s) if max_bytes is not None else 0
+        if len(buf) < size and (not buf or max_bytes is None or held + n <= max_bytes):
             buf.append(s)
+            held += n
             continue
-        j = rng.randrange(size)
-        yield buf[j]
-        buf[j] = s
+        j = rng.randrange(len(buf))
+        out, buf[j] = buf[j], s
+        held += n - (sample_bytes(out) if max_bytes is not None else 0)
+        yield out
+        while max_bytes is not None and held > max_bytes and len(buf) > 1:
+            j = rng.randrange(len(buf))
+            out, last = buf[j], buf.pop()
+            if j < len(buf):
+                buf[j] = last
+            held -= sample_bytes(out)
+            yield out
     rng.shuffle(buf)
     yield from buf
 
 
 def image_and_label(sample, num_classes: int | None = None):
-    """(image bytes, label); DecodeError for a missing member or a label outside [0, num_classes)."""
+    """(image bytes, label); DecodeError for a missing member, a label outside [0, num_classes)
+    or a sample that was too large to read."""
+    if "__oversize__" in sample:
+        raise DecodeError(f"sample {sample['__key__']!r} not read: its {sample['__oversize__']} "
+                          "(--max-sample-bytes)")
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None or "cls" not in sample:
         raise DecodeError(f"sample {sample['__key__']!r} lacks an image or a .cls member")
@@ -274,6 +327,14 @@ class PixelBatches:
         return Batch(self.images[:n], self.labels[:n], self.slot)
 
 
+def _keep_last(pool: list, sample) -> list:
+    """The pad pool after `sample` was read: the last PAD_POOL samples, at most PAD_POOL_BYTES."""
+    pool = (pool + [sample])[-PAD_POOL:]
+    while len(pool) > 1 and sum(map(sample_bytes, pool)) > PAD_POOL_BYTES:
+        pool = pool[1:]
+    return pool
+
+
 class ShardStream(IterableDataset):
     """Yields this rank's batches for one epoch; `len()` is the number of batches per rank."""
 
@@ -281,13 +342,16 @@ class ShardStream(IterableDataset):
                  world_size: int = 1, rank: int = 0, num_workers: int = 0,
                  shuffle_buffer: int = 2048, shared: SharedState | None = None,
                  num_classes: int | None = None, remote: RemoteOptions | None = None,
-                 largest: int | None = None):
+                 largest: int | None = None, max_sample_bytes: int | None = MAX_SAMPLE_BYTES,
+                 shuffle_bytes: int | None = SHUFFLE_BYTES):
         self.urls, self.lengths = split.urls, split.lengths
         self.builder, self.batch_size, self.train = builder, batch_size, train
         self.seed, self.world_size, self.rank = seed, world_size, rank
         self.num_workers, self.shuffle_buffer = max(1, num_workers), shuffle_buffer
         self.shared = shared if shared is not None else SharedState(num_workers)
         self.num_classes, self.remote = num_classes, remote or RemoteOptions()
+        self.max_sample_bytes, self.shuffle_bytes = max_sample_bytes, shuffle_bytes
+        self.named = set()  # (shard, index) of the oversize samples this worker has warned about
         self.memory = None  # made in the worker, kept across epochs with persistent workers
         # the largest image size of the run (progressive resizing), for the buffer pool
         self.largest = largest or getattr(getattr(builder, "transform", None), "size", 0)
@@ -322,9 +386,9 @@ class ShardStream(IterableDataset):
         plan = self.plan(epoch, worker)
         tag = f"{self.seed}:{epoch}:{self.rank}:{worker}"
         warn = RateLimited()
-        samples = read_pieces(self.urls, plan.pieces, warn, counters, self.remote)
+        samples = read_pieces(self.urls, plan.pieces, warn, counters, self.remote, self.max_sample_bytes)
         if self.train and self.shuffle_buffer > 1:
-            samples = shuffled(samples, self.shuffle_buffer, random.Random(f"shuffle:{tag}"))
+            samples = shuffled(samples, self.shuffle_buffer, random.Random(f"shuffle:{tag}"), self.shuffle_bytes)
         start = shared.start_of(worker) if self.train else (0, 0, 0)
         yield from self._batches(samples, plan.num_samples, epoch, worker, start, tag, warn, counters)
 
@@ -333,8 +397,8 @@ class ShardStream(IterableDataset):
         """Exactly `quota` samples in full batches (the last one partial in eval).
 
         Training pads when damaged data left the stream short: pad k repeats a sample of the
-        last PAD_POOL read, picked by a generator seeded with k, so a resumed run pads the
-        same way. `start` = (batches, taken, padded) already consumed by the run this one
+        last PAD_POOL read (PAD_POOL_BYTES at most), picked by a generator seeded with k, so a
+        resumed run pads the same way. `start` = (batches, taken, padded) already consumed by the run this one
         resumes: those samples are read again (the shuffle buffer needs them) but not decoded.
         """
         b, i, pool, failed = self.builder, 0, [], set()
@@ -343,14 +407,14 @@ class ShardStream(IterableDataset):
             sample = next(samples, None)
             if sample is None:
                 break
-            pool = (pool + [sample])[-PAD_POOL:]
+            pool = _keep_last(pool, sample)
         if done < quota:
             b.new(self.memory)
         while done < quota:
             sample, pad = next(samples, None), None
             if sample is not None:
                 taken += 1
-                pool = (pool + [sample])[-PAD_POOL:]
+                pool = _keep_last(pool, sample)
             elif not self.train or len(failed) == len(pool):
                 break
             else:
@@ -366,6 +430,10 @@ class ShardStream(IterableDataset):
                 counters.add(Stat.SKIPPED)
                 if pad is not None:
                     failed.add(pad)
+                if "__oversize__" in sample:  # named once per worker, not every epoch
+                    if sample["__index__"] in self.named:
+                        continue
+                    self.named.add(sample["__index__"])
                 reason = str(e) if isinstance(e, DecodeError) else f"{type(e).__name__}: {e}"
                 warn(f"skipped sample {sample.get('__key__')!r}: {reason}")
                 continue

@@ -17,13 +17,17 @@ Reduced-size decoding: when the box is at least twice the size it is resized to 
 directions, the JPEG is decoded by PIL at 1/2, 1/4 or 1/8 scale (libjpeg-turbo DCT scaling,
 `Image.draft`).
 
-Before anything is decoded, the size in the image's header (a JPEG's frame header, PIL's header
-read for other formats) is held against MAX_PIXELS. 16-bit images become 8-bit.
+Before anything is decoded, the size in the image's header (a JPEG's frame header, a PNG's IHDR,
+PIL's header read for other formats) is held against MAX_PIXELS, and the bytes its pixels take
+(channels, alpha included, times bytes a channel) against MAX_DECODED_BYTES. 16-bit images
+become 8-bit by keeping each value's high byte, a view that copies nothing.
 """
 from __future__ import annotations
 
 import io
 import math
+import struct
+import sys
 import warnings
 
 import torch
@@ -44,7 +48,7 @@ from .geometry import (
     pick_interpolation,
     rrc_box,
 )
-from .jpeg import MAX_PIXELS, jpeg_header
+from .jpeg import MAX_DECODED_BYTES, MAX_PIXELS, jpeg_header
 
 # PIL hands over read-only buffers; we only ever read them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -61,14 +65,38 @@ def check_pixels(width: int, height: int) -> None:
         raise DecodeError(f"{width}x{height} pixels is over the limit of {MAX_PIXELS:,} (a decompression bomb?)")
 
 
+def check_decoded_bytes(width: int, height: int, channels: int, depth: int) -> None:
+    """DecodeError when the decoded pixels (at least RGB, `depth` bytes a channel) would take
+    more than MAX_DECODED_BYTES."""
+    need = width * height * max(3, channels) * depth
+    if need > MAX_DECODED_BYTES:
+        raise DecodeError(f"{width}x{height} pixels of {channels} x {8 * depth} bits take {need:,} bytes to decode, "
+                          f"over the limit of {MAX_DECODED_BYTES:,}")
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # by colour type: gray, RGB, palette (to RGB), gray+alpha, RGBA
+_PIL_DEPTH = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "I": 4, "F": 4}
+
+
 def _header_size(data) -> tuple[int, int]:
     """(width, height) of a non-JPEG image from its header, without decoding the pixels; an
-    image whose size cannot be read this way is not decoded at all."""
+    image whose size cannot be read this way is not decoded at all. Also checks what its pixels
+    take (check_decoded_bytes), from a PNG's IHDR (PIL does not tell 16-bit RGB apart)."""
+    head = bytes(data[:29])
+    if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR":
+        width, height, bits, colour = struct.unpack(">IIBB", head[16:26])
+        check_pixels(width, height)
+        check_decoded_bytes(width, height, _PNG_CHANNELS.get(colour, 4), 2 if bits == 16 else 1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
+                check_pixels(*im.size)
+                check_decoded_bytes(*im.size, len(im.getbands()), _PIL_DEPTH.get(im.mode, 1))
                 return im.size
+    except DecodeError:
+        raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise DecodeError(f"over the pixel limit: {e}") from None
     except Exception as e:  # PIL raises several types for what it cannot identify
@@ -79,8 +107,10 @@ def _decode_tv(data) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image
     buf = data if isinstance(data, torch.Tensor) else torch.frombuffer(data, dtype=torch.uint8)
     img = decode_image(buf, mode=ImageReadMode.RGB)
-    if img.dtype != torch.uint8:  # 16-bit PNG: keep the high byte
-        img = (img.to(torch.int32) >> 8).to(torch.uint8)
+    if img.dtype != torch.uint8:  # 16-bit PNG: keep the high byte, a strided view (no copy)
+        high = 1 if sys.byteorder == "little" else 0
+        c, h, w = img.shape
+        img = img.contiguous().view(torch.uint8).view(c, h, w, 2)[..., high]
     return img
 
 
@@ -115,11 +145,12 @@ def decode(data, box_fn, out_hw, decoder: str = "tv", reduce: bool = True):
     try:
         header = jpeg_header(data)
         if header is None:  # PNG, WebP, a damaged JPEG...: decode first, then crop
-            check_pixels(*_header_size(data))
+            _header_size(data)  # checks the pixel and decoded-byte limits
             img = _decode_tv(data) if decoder == "tv" else _decode_pil(data)
             return img, box_fn(img.shape[2], img.shape[1])
-        width, height, _ = header
+        width, height, components = header
         check_pixels(width, height)
+        check_decoded_bytes(width, height, components, 1)
         box = box_fn(width, height)
         if isinstance(box, Geometry):
             out_hw = (box.rh, box.rw)
