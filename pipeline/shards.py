@@ -5,8 +5,9 @@ Reading: samples out of one shard with a minimal reader instead of webdataset's
 per sample (BENCHMARKS.md). It groups members into samples the webdataset way (key = path up to
 the first dot of the file name, extension lower-cased), reads USTAR, PAX and GNU long-name
 headers, skips the first `skip` samples by seeking where the file allows it, and reports a
-truncated or corrupt shard instead of dying. Remote shards (http, pipe:) are opened by
-`pipeline.remote`, with timeouts.
+truncated or corrupt shard instead of dying. Remote shards (http, pipe:, object stores) are
+opened by `pipeline.remote`, with timeouts, through the node-local cache (`pipeline.cache`)
+when one is set.
 
 Writing: USTAR headers built by hand (tarfile's addfile costs several times more per sample,
 BENCHMARKS.md); the bytes equal tarfile's for the same members (tests/test_make_shards.py).
@@ -24,11 +25,16 @@ class ShardCorrupt(Exception):
     """The shard ends early or holds a damaged header; samples before the damage were kept."""
 
 
-def open_shard(url: str, timeout: float = 60.0):
-    """A local shard file, or a remote one read with a connect and stall `timeout` (pipeline/remote.py)."""
+def open_shard(url: str, remote=60.0, counters=None):
+    """A local shard file, or a remote one read under `remote` (RemoteOptions, or a connect and
+    stall timeout in seconds: pipeline/remote.py), from the cache when it sets one. `counters`:
+    a loader worker's, told the cache hits, misses and bytes fetched."""
     if is_remote(url):
-        from .remote import open_remote
-        return open_remote(url, timeout)
+        from .remote import RemoteOptions, open_remote
+        if isinstance(remote, RemoteOptions) and remote.cache_dir and not url.startswith("pipe:"):
+            from .cache import open_cached
+            return open_cached(url, remote, counters)
+        return open_remote(url, remote, counters)
     return open(url, "rb", buffering=0)
 
 

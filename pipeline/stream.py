@@ -50,6 +50,9 @@ class Stat(enum.IntEnum):
     SHARD_ERRORS = 2  # shard reads that failed or ended early
     PADDED = 3  # repeated samples that kept a training batch full after data was lost
     NEW_BUFFERS = 4  # batch buffers allocated (not taken from the pool)
+    CACHE_HITS = 5  # remote shard reads served from the node-local cache (pipeline/cache.py)
+    CACHE_MISSES = 6  # remote shard reads the cache had to fetch (or could not hold)
+    FETCHED_BYTES = 7  # bytes read from remote sources (cache fills and uncached reads)
 
 
 STATS = tuple(s.name.lower() for s in Stat)  # the names stats() reports
@@ -195,7 +198,7 @@ def read_pieces(urls, pieces, warn, counters: Counters, remote: RemoteOptions | 
         delays = remote.delays() if is_remote(url) else []
         while True:
             try:
-                with open_shard(url, remote.timeout) as f:
+                with open_shard(url, remote, counters) as f:
                     for sample in iter_samples(f, p.skip + got, p.take - got):
                         sample["__index__"] = (p.shard, p.skip + got)
                         got += 1
