@@ -114,10 +114,16 @@ class ShardCache:
         return (os.path.join(self.root, "shards", key), os.path.join(self.root, "tmp", key + ".part"),
                 os.path.join(self.root, "locks", key + ".lock"))
 
-    def _space(self) -> _Flock:
+    def space_lock(self) -> _Flock:
         space = _Flock(os.path.join(self.root, "cache.lock"))
         space.lock(fcntl.LOCK_EX)
         return space
+
+    def start(self) -> int:
+        """Delete what killed downloads left; the bytes in use (call once at the start of a run)."""
+        with self.space_lock():
+            self.clean()
+            return self.usage()
 
     def usage(self) -> int:
         """Bytes of complete shards and temporaries."""
@@ -196,7 +202,7 @@ class ShardCache:
                 if src is not None:  # could not be cached: read it straight from the source
                     lock.close()
                     return src
-                with self._space():  # no eviction between taking the shared lock and opening
+                with self.space_lock():  # no eviction between taking the shared lock and opening
                     lock.lock(fcntl.LOCK_SH)
                     return CachedShard(path, lock)
             except BaseException:
@@ -239,7 +245,7 @@ class ShardCache:
 
     def _claim(self, tmp: str, size: int, url: str) -> int | None:
         """The temporary, created at full size (its space is claimed), or None when it cannot fit."""
-        with self._space():
+        with self.space_lock():
             if not self._reserve(size):
                 return None
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
