@@ -188,8 +188,8 @@ def test_a_trickling_http_server_ends_by_the_minimum_rate_not_the_stall(demo_sha
         loader = create_loader(split, train=False, batch_size=B, img_size=SIZE, num_workers=0, remote=remote)
         server.trickle = (512, 0.1)
         t0 = time.monotonic()
-        with pytest.raises(DataLoadingError, match=r"demo-validation-000000\.tar: too slow: [\d,]+ bytes in 2 s "
-                                                   r"of waiting, below the minimum rate of 64 KiB/s .*\(tried 2 times\)"):
+        with pytest.raises(DataLoadingError, match=r"demo-validation-000000\.tar: too slow: [\d,]+ bytes in 2 s of "
+                                                   r"waiting, below the minimum rate of 64 KiB/s .*\(tried 2 times\)"):
             list(loader)
         assert time.monotonic() - t0 < BOUND
         server.trickle = None
