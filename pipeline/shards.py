@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 
-from .info import is_remote
+from common.errors import DataLoadingError
+
+from .info import MIN_SAMPLE_BYTES, is_remote
 
 BLOCK = 512
 
@@ -36,6 +38,16 @@ def open_shard(url: str, remote=60.0, counters=None):
             return open_cached(url, remote, counters)
         return open_remote(url, remote, counters)
     return open(url, "rb", buffering=0)
+
+
+def check_claim(f, url: str, samples: int) -> None:
+    """Stop with one line when _info.json has this shard hold more samples than its size can (a
+    remote shard's size is known only once it is opened: Content-Length, the object's size)."""
+    size = getattr(f, "size", None)
+    if size is not None and samples > size // MIN_SAMPLE_BYTES:
+        raise DataLoadingError(f"_info.json lists at least {samples:,} samples for {url}, but its {size:,} "
+                               f"bytes hold at most {size // MIN_SAMPLE_BYTES:,}: the info file does not belong "
+                               "to these shards")
 
 
 MAX_MEMBER = 1 << 30  # no image is this large; a header claiming more is damage, not data

@@ -35,7 +35,7 @@ from common.errors import DataLoadingError
 from .info import is_remote
 from .plan import eval_batches, eval_plan, train_plan, train_steps
 from .remote import RemoteError, RemoteOptions
-from .shards import ShardCorrupt, iter_samples, open_shard
+from .shards import ShardCorrupt, check_claim, iter_samples, open_shard
 from .transforms import DecodeError
 
 log = logging.getLogger("pipeline")
@@ -199,6 +199,7 @@ def read_pieces(urls, pieces, warn, counters: Counters, remote: RemoteOptions | 
         while True:
             try:
                 with open_shard(url, remote, counters) as f:
+                    check_claim(f, url, p.skip + p.take)
                     for sample in iter_samples(f, p.skip + got, p.take - got):
                         sample["__index__"] = (p.shard, p.skip + got)
                         got += 1

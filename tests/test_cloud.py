@@ -266,6 +266,22 @@ def test_remote_info_values_are_bounded(demo_shards, tmp_path, change, message):
     assert "\n" not in str(e.value) and MAX_CLASSES < 10 ** 9
 
 
+def test_a_remote_shard_smaller_than_its_listed_samples_stops_in_one_line(demo_shards, tmp_path):
+    root = tmp_path / "wds"
+    root.mkdir()
+    for name in os.listdir(demo_shards):
+        (root / name).write_bytes((demo_shards / name).read_bytes())
+    data = json.loads((root / "_info.json").read_text())
+    data["splits"]["validation"]["shard_lengths"][0] = 10 ** 6  # under the bound, over the shard's size
+    data["splits"]["validation"].pop("num_samples", None)
+    (root / "_info.json").write_text(json.dumps(data))
+    with ShardServer(root) as server:
+        with pytest.raises(DataLoadingError, match=r"_info.json lists at least [\d,]+ samples for http://.*"
+                                                   r"validation-000000\.tar, but its [\d,]+ bytes hold at most") as e:
+            labels(server.url)
+    assert "\n" not in str(e.value)
+
+
 def test_sizes_parse_and_the_cache_needs_a_limit(tmp_path):
     assert parse_size("50G") == 50 << 30 and parse_size("500M") == 500 << 20 and parse_size("4096") == 4096
     assert parse_size("1.5k") == 1536
