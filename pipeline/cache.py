@@ -2,13 +2,15 @@
 
     DIR/shards/<key>      complete shards only (put there by rename, after a size check)
     DIR/tmp/<key>.part    a download in progress (its own name: it never looks complete)
-    DIR/locks/<key>.lock  one lock file per shard (flock); DIR/cache.lock guards space
+    DIR/locks/<key>.lock  one lock file per shard (flock), holding the shard's size in bytes;
+                          DIR/cache.lock guards space
 
 Reading shard K takes a shared flock on K's lock file and holds it until the reader is closed,
 so K is never evicted while read. A miss takes K's lock exclusively (so a node downloads K
 once, however many processes want it), reserves the space under DIR/cache.lock by evicting the
 least recently read shards whose locks it can take without waiting, downloads to the temporary,
-checks its size against the store's (Content-Length, the object's size), fsyncs and renames it.
+checks its size against the store's (Content-Length, the object's size), records that size in
+the lock file, fsyncs and renames it; every later read checks the file against the record.
 A download killed half-way leaves only a `.part` file; whoever next holds K's lock, or the next
 reservation, deletes it. Shards and temporaries together never exceed the limit: a shard that
 does not fit (larger than the limit, or everything else in use) is read without caching.
@@ -53,6 +55,14 @@ def _count(counters, name: str, n: int = 1) -> None:
 class _Flock:
     def __init__(self, path: str):
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def recorded_size(self) -> int | None:
+        text = os.pread(self.fd, 32, 0).strip()
+        return int(text) if text.isdigit() else None
+
+    def record_size(self, size: int) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, b"%d\n" % size, 0)
 
     def lock(self, how: int) -> bool:
         try:
@@ -189,16 +199,16 @@ class ShardCache:
             lock = _Flock(lock_path)
             try:
                 lock.lock(fcntl.LOCK_SH)
-                if os.path.exists(path):
+                if _complete(path, lock):
                     os.utime(path)  # recency for LRU eviction
                     _count(counters, "CACHE_HITS")
                     return CachedShard(path, lock)
                 lock.lock(fcntl.LOCK_UN)
                 lock.lock(fcntl.LOCK_EX)  # another process may have filled it meanwhile: look again
-                if os.path.exists(path):
+                if _complete(path, lock):
                     lock.close()
                     continue
-                src = self._fill(url, remote, counters, path, tmp)
+                src = self._fill(url, remote, counters, path, tmp, lock)
                 if src is not None:  # could not be cached: read it straight from the source
                     lock.close()
                     return src
@@ -209,7 +219,7 @@ class ShardCache:
                 lock.close()
                 raise
 
-    def _fill(self, url: str, remote: RemoteOptions, counters, path: str, tmp: str):
+    def _fill(self, url: str, remote: RemoteOptions, counters, path: str, tmp: str, lock: _Flock):
         """Download `url` into the cache (holding its lock exclusively); returns None when it is
         cached, or the open source when it cannot be."""
         _count(counters, "CACHE_MISSES")
@@ -236,6 +246,7 @@ class ShardCache:
                     raise RemoteError(f"sent {got:,} of the {size:,} bytes it announced")
                 out.flush()
                 os.fsync(out.fileno())
+            lock.record_size(size)
             os.rename(tmp, path)
         except BaseException:
             _remove(tmp)
@@ -259,6 +270,14 @@ class ShardCache:
                 log.warning("cache %s: cannot reserve %d bytes (%s); reading %s uncached",
                             self.root, size, e.strerror, url)
                 return None
+
+
+def _complete(path: str, lock: _Flock) -> bool:
+    """The shard is cached whole: its file has the size recorded when it was filled."""
+    try:
+        return os.stat(path).st_size == lock.recorded_size()
+    except FileNotFoundError:
+        return False
 
 
 def _remove(path: str) -> None:

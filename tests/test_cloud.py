@@ -245,6 +245,20 @@ def test_a_killed_download_leaves_nothing_that_looks_complete(demo_shards, proxy
     assert (cache_dir / "shards" / cache_key(url)).read_bytes() == data
 
 
+def test_a_cached_shard_of_the_wrong_size_is_fetched_again(demo_shards, proxy, tmp_path):
+    url = URL + "demo-train-000001.tar"
+    remote = RemoteOptions(timeout=5.0, retries=0, cache_dir=str(tmp_path / "c"), cache_limit=1 << 30)
+    with open_shard(url, remote) as f:
+        whole = f.read()
+    cached = tmp_path / "c" / "shards" / cache_key(url)
+    with open(cached, "r+b") as f:  # damaged on disk: cut short
+        f.truncate(len(whole) // 2)
+    before = proxy.request_bytes
+    with open_shard(url, remote) as f:
+        assert f.read() == whole
+    assert proxy.request_bytes > before and cached.read_bytes() == whole
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d: d["splits"]["train"]["shard_lengths"].__setitem__(0, 10 ** 12), "shard length 1,000,000,000,000"),
     (lambda d: d.update(num_classes=10 ** 9, classes=[]), "1,000,000,000 classes, more than"),
