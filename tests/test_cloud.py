@@ -245,6 +245,43 @@ def test_a_killed_download_leaves_nothing_that_looks_complete(demo_shards, proxy
     assert (cache_dir / "shards" / cache_key(url)).read_bytes() == data
 
 
+OPEN_ONE = """
+import json, sys
+from pipeline.remote import RemoteOptions
+from pipeline.shards import open_shard
+class Tally:
+    def __init__(self):
+        self.counts = {}
+    def add(self, stat, n=1):
+        self.counts[stat.name] = self.counts.get(stat.name, 0) + n
+tally = Tally()
+remote = RemoteOptions(timeout=30.0, retries=0, min_rate=0, cache_dir=sys.argv[1], cache_limit=1 << 30)
+with open_shard(sys.argv[2], remote, tally) as f:
+    tally.counts["bytes"] = len(f.read())
+print(json.dumps(tally.counts))
+"""
+
+
+@pytest.mark.slow
+def test_processes_that_want_the_same_shard_download_it_once(demo_shards, proxy, tmp_path):
+    url, cache_dir = URL + "demo-train-000002.tar", tmp_path / "cache"
+    size = (demo_shards / "demo-train-000002.tar").stat().st_size
+    proxy.mode, proxy.trickle = "trickle", (4096, 0.05)  # a download of a few seconds
+
+    def start():
+        return subprocess.Popen([sys.executable, "-c", OPEN_ONE, str(cache_dir), url], stdout=subprocess.PIPE,
+                                text=True, env=child_env(), cwd=ROOT)
+    first = start()
+    for _ in range(600):  # the first download is under way...
+        if (cache_dir / "tmp").is_dir() and list((cache_dir / "tmp").glob("*.part")):
+            break
+        time.sleep(0.05)
+    others = [start(), start()]  # ...when two more processes ask for the same shard
+    results = [json.loads(p.communicate(timeout=120)[0]) for p in [first, *others]]
+    assert results[0] == {"CACHE_MISSES": 1, "FETCHED_BYTES": size, "bytes": size}
+    assert results[1:] == [{"CACHE_HITS": 1, "bytes": size}] * 2  # they waited for it, then read the cache
+
+
 def test_a_cached_shard_of_the_wrong_size_is_fetched_again(demo_shards, proxy, tmp_path):
     url = URL + "demo-train-000001.tar"
     remote = RemoteOptions(timeout=5.0, retries=0, cache_dir=str(tmp_path / "c"), cache_limit=1 << 30)
