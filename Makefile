@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 
 .PHONY: demo test test-fast lint bench clean
 
-$(VENV)/.deps: requirements.txt requirements-test.txt requirements-dali.txt
+$(VENV)/.deps: requirements.txt requirements-test.txt requirements-dali.txt requirements-cloud.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $@

@@ -252,7 +252,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shuffle-buffer-bytes", type=byte_size, default=SHUFFLE_BYTES, metavar="SIZE",
                    help="the most bytes of samples each worker's shuffle buffer holds, besides --shuffle-buffer "
                         "samples (default: 256M; 2048 ImageNet samples take ~220 MB)")
+    g = p.add_argument_group("object stores and cache (docs/cloud.md)")
+    g.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="node-local cache of remote shards (http(s), s3://, gs://...), shared by every rank and "
+                        "worker of the node and kept for later epochs and runs (default: none, every read streams)")
+    g.add_argument("--cache-limit", type=_size, default=None, metavar="SIZE",
+                   help="bytes the cache may hold, e.g. 500G or 800M; least recently read shards are evicted "
+                        "(needed with --cache-dir)")
+    g.add_argument("--io-min-rate", type=_size, default="1M", metavar="BYTES_PER_S",
+                   help="remote shards: a read that has waited longer than --io-timeout in all at below this "
+                        "average rate fails like a stall (a trickling server); 0: off")
     return p
+
+
+def _size(text):
+    """argparse type of --cache-limit and --io-min-rate: 500G, 800M, 4096 (bytes; powers of 1024)."""
+    from pipeline.cache import parse_size
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:

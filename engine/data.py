@@ -80,13 +80,29 @@ def has_validation(args, d: Dist, info) -> bool:
     return found
 
 
+def remote_options(args, d: Dist) -> RemoteOptions:
+    """How remote shards are read (timeouts, retries, minimum rate) and cached (docs/cloud.md)."""
+    if args.cache_dir is not None and not args.cache_limit:
+        raise ConfigError("--cache-dir needs --cache-limit SIZE (e.g. 500G): the most the cache may hold")
+    if args.cache_dir is not None:
+        from pipeline.cache import ShardCache
+        try:
+            used = ShardCache(os.path.abspath(args.cache_dir), args.cache_limit).start()  # cleans killed downloads
+        except OSError as e:
+            raise ConfigError(f"--cache-dir {args.cache_dir}: {e.strerror or e}") from None
+        d.say(f"cache: {args.cache_dir}: {used / 2 ** 30:.2f} of {args.cache_limit / 2 ** 30:.2f} GiB in use")
+    return RemoteOptions(timeout=args.io_timeout, retries=args.io_retries, min_rate=args.io_min_rate,
+                         cache_dir=os.path.abspath(args.cache_dir) if args.cache_dir else None,
+                         cache_limit=args.cache_limit or 0)
+
+
 def make_data(args, d: Dist) -> Data:
     dev = d.device
     if args.decode == "gpu" and dev.type != "cuda":
         raise ConfigError(f"--decode gpu needs a CUDA device (nvJPEG); this run is on {dev.type}")
     if args.data_path is None and not args.synthetic:
         prepare_demo(args, d)
-    remote = RemoteOptions(timeout=args.io_timeout, retries=args.io_retries)
+    remote = remote_options(args, d)
     info = load_info(args.data_path, remote) if args.data_path else None
     if info is not None and not args.synthetic and info.num_classes < 1 and args.num_classes is None:
         raise DataError(f"{args.data_path}: _info.json has no class list or num_classes (or pass --num-classes)")

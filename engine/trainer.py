@@ -425,7 +425,8 @@ class Trainer:
         """The loaders' counters summed over ranks (validation's as val_*); data problems of both
         are reported once per epoch."""
         val = self.data.val.stats() if self.data.val is not None else dict.fromkeys(STATS, 0)
-        values = [self.data.train.stats()[k] for k in STATS] + [val[k] for k in STATS]
+        train = self.data.train.stats()
+        values = [train.get(k, 0) for k in STATS] + [val.get(k, 0) for k in STATS]
         values = list(map(int, self.d.all_reduce(values)))
         stats = dict(zip(STATS, values))
         stats.update({f"val_{k}": v for k, v in zip(STATS, values[len(STATS):])})

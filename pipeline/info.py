@@ -1,9 +1,13 @@
 """Stage 1: the shard list of a split, read from `_info.json` at the shard root.
 
 `data_path` is a local folder by default. Remote shards are used only when the user names them on
-the command line: an `http(s)://` root, or a `pipe:` command template in which `{}` stands for a
-file name (`pipe:aws s3 cp s3://bucket/imagenet-wds/{} -`). Names inside `_info.json` must be plain
-relative paths: an info file must never make us run a command or read outside its root.
+the command line: an `http(s)://` root, an object-store root (`s3://bucket/prefix/`, `gs://...`,
+any scheme an installed fsspec library knows: pipeline/objstore.py), or a `pipe:` command template
+in which `{}` stands for a file name. Names inside `_info.json` must be plain relative paths: an
+info file must never make us run a command or read outside its root. Its numbers are bounded too
+(MAX_SHARD_SAMPLES, MAX_SPLIT_SAMPLES, MAX_CLASSES): a remote info file cannot be checked against
+shard sizes before training, and a claim of 10^12 samples or 10^9 classes must be one line, not an
+endless epoch or a terabyte allocation.
 """
 from __future__ import annotations
 
@@ -17,6 +21,11 @@ from common.errors import DataError
 INFO_NAMES = ("_info.json", "info.json")
 MAX_INFO_BYTES = 64 << 20  # ImageNet's is ~80 KB; anything this large is not an info file
 MIN_SAMPLE_BYTES = 2 * 512  # an image and a .cls member, each behind a 512-byte tar header
+# Bounds no real data set reaches (ImageNet: 1,281,167 samples in 1,024 shards, 1,000 classes;
+# LAION-5B: 5.85e9 samples in shards of 10,000): a 10^7-sample shard would be >= 10 GB.
+MAX_SHARD_SAMPLES = 10 ** 7
+MAX_SPLIT_SAMPLES = 10 ** 11
+MAX_CLASSES = 10 ** 6  # a ResNet-50 head of 2048 x 10^6 fp32 weights is already 8 GB
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.+=-]+(/[A-Za-z0-9_.+=-]+)*")
 # timm's readers name the validation split "validation"; accept the common aliases.
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "valid")}
@@ -61,13 +70,15 @@ class DatasetInfo:
 
 
 def is_remote(root: str) -> bool:
-    return root.startswith(("http://", "https://", "pipe:"))
+    """http(s), pipe: or an object store (any `scheme://` but file://)."""
+    from .objstore import scheme
+    return root.startswith(("http://", "https://", "pipe:")) or scheme(root) is not None
 
 
 def shard_url(root: str, name: str) -> str:
     if root.startswith("pipe:"):
         return root.replace("{}", name)
-    if root.startswith(("http://", "https://")):
+    if is_remote(root):
         return root.rstrip("/") + "/" + name
     return os.path.join(root, name)
 
@@ -85,19 +96,21 @@ def check_name(name, split: str) -> str:
 def _read_remote(url: str, remote) -> str:
     import time
 
-    from .remote import RemoteError, open_remote
+    from .remote import RemoteError, RemoteMissing, open_remote
     delays = remote.delays()
     while True:
         try:
-            with open_remote(url, remote.timeout) as f:
+            with open_remote(url, remote) as f:
+                if f.size is not None and f.size > MAX_INFO_BYTES:
+                    raise DataError(f"{url} is larger than {MAX_INFO_BYTES >> 20} MB: not an _info.json")
                 chunks = []
                 while chunk := f.read(1 << 20):
                     chunks.append(chunk)
                     if sum(map(len, chunks)) > MAX_INFO_BYTES:
                         raise DataError(f"{url} is larger than {MAX_INFO_BYTES >> 20} MB: not an _info.json")
                 return b"".join(chunks).decode("utf-8")
-        except RemoteError:
-            if not delays:
+        except RemoteError as e:
+            if not delays or isinstance(e, RemoteMissing):  # a missing file will not appear by waiting
                 raise
             time.sleep(delays.pop(0))
 
@@ -150,6 +163,9 @@ def _parse_split(key: str, s, root: str) -> Split:
         if not _is_count(n):
             raise DataError(f"_info.json: split {key!r} has the shard length {n!r}; "
                             "lengths must be whole numbers, 0 or more")
+        if n > MAX_SHARD_SAMPLES:
+            raise DataError(f"_info.json: split {key!r} has the shard length {n:,}, more than the "
+                            f"{MAX_SHARD_SAMPLES:,} samples a shard can hold: not an info file for real shards")
     names = [check_name(n, key) for n in names]
     seen = set()
     for name in names:
@@ -157,6 +173,8 @@ def _parse_split(key: str, s, root: str) -> Split:
             raise DataError(f"_info.json: split {key!r} lists the shard {name!r} twice")
         seen.add(name)
     total = sum(lengths)
+    if total > MAX_SPLIT_SAMPLES:
+        raise DataError(f"_info.json: split {key!r} claims {total:,} samples, more than {MAX_SPLIT_SAMPLES:,}")
     if "num_samples" in s and s["num_samples"] != total:
         raise DataError(f"_info.json: split {key!r} says num_samples={s['num_samples']!r} "
                         f"but its shard lengths add up to {total}")
@@ -187,6 +205,9 @@ def load_info(root: str, remote=None) -> DatasetInfo:
         raise DataError(f"{root}: _info.json: 'classes' must be a list of class names")
     if "num_classes" in raw and not _is_count(raw["num_classes"]):
         raise DataError(f"{root}: _info.json: num_classes={raw['num_classes']!r} is not a whole number")
+    if max(raw.get("num_classes", 0), len(classes)) > MAX_CLASSES:
+        raise DataError(f"{root}: _info.json says there are {max(raw.get('num_classes', 0), len(classes)):,} "
+                        f"classes, more than {MAX_CLASSES:,}: not an info file for a classifier's data")
     if classes and raw.get("num_classes", len(classes)) != len(classes):
         raise DataError(f"{root}: _info.json lists {len(classes)} classes but says num_classes="
                         f"{raw['num_classes']}")

@@ -6,8 +6,8 @@ per sample (BENCHMARKS.md). It groups members into samples the webdataset way (k
 the first dot of the file name, extension lower-cased), reads USTAR, PAX and GNU long-name
 headers, skips the first `skip` samples by seeking where the file allows it, and reports a
 truncated or corrupt shard instead of dying. A member is read once into one buffer; a sample
-over the byte limit is skipped unread. Remote shards (http, pipe:) are opened by
-`pipeline.remote`, with timeouts.
+over the byte limit is skipped unread. Remote shards (http, pipe:, object stores) are opened by
+`pipeline.remote`, with timeouts, through the node-local cache (`pipeline.cache`) when one is set.
 
 Writing: USTAR headers built by hand (tarfile's addfile costs several times more per sample,
 BENCHMARKS.md); the bytes equal tarfile's for the same members (tests/test_make_shards.py).
@@ -17,7 +17,9 @@ from __future__ import annotations
 import math
 import os
 
-from .info import is_remote
+from common.errors import DataLoadingError
+
+from .info import MIN_SAMPLE_BYTES, is_remote
 
 BLOCK = 512
 
@@ -26,12 +28,27 @@ class ShardCorrupt(Exception):
     """The shard ends early or holds a damaged header; samples before the damage were kept."""
 
 
-def open_shard(url: str, timeout: float = 60.0):
-    """A local shard file, or a remote one read with a connect and stall `timeout` (pipeline/remote.py)."""
+def open_shard(url: str, remote=60.0, counters=None):
+    """A local shard file, or a remote one read under `remote` (RemoteOptions, or a connect and
+    stall timeout in seconds: pipeline/remote.py), from the cache when it sets one. `counters`:
+    a loader worker's, told the cache hits, misses and bytes fetched."""
     if is_remote(url):
-        from .remote import open_remote
-        return open_remote(url, timeout)
+        from .remote import RemoteOptions, open_remote
+        if isinstance(remote, RemoteOptions) and remote.cache_dir and not url.startswith("pipe:"):
+            from .cache import open_cached
+            return open_cached(url, remote, counters)
+        return open_remote(url, remote, counters)
     return open(url, "rb", buffering=0)
+
+
+def check_claim(f, url: str, samples: int) -> None:
+    """Stop with one line when _info.json has this shard hold more samples than its size can (a
+    remote shard's size is known only once it is opened: Content-Length, the object's size)."""
+    size = getattr(f, "size", None)
+    if size is not None and samples > size // MIN_SAMPLE_BYTES:
+        raise DataLoadingError(f"_info.json lists at least {samples:,} samples for {url}, but its {size:,} "
+                               f"bytes hold at most {size // MIN_SAMPLE_BYTES:,}: the info file does not belong "
+                               "to these shards")
 
 
 MAX_MEMBER = 1 << 30  # no image is this large; a header claiming more is damage, not data

@@ -37,7 +37,7 @@ from common.errors import DataLoadingError, SharedMemoryError
 from .info import is_remote
 from .plan import eval_batches, eval_plan, train_plan, train_steps
 from .remote import RemoteError, RemoteOptions
-from .shards import MAX_SAMPLE_BYTES, SHUFFLE_BYTES, ShardCorrupt, byte_size, iter_samples, open_shard  # noqa: F401
+from .shards import MAX_SAMPLE_BYTES, SHUFFLE_BYTES, ShardCorrupt, byte_size, check_claim, iter_samples, open_shard  # noqa: F401
 from .transforms import DecodeError
 
 log = logging.getLogger("pipeline")
@@ -52,6 +52,9 @@ class Stat(enum.IntEnum):
     SHARD_ERRORS = 2  # shard reads that failed or ended early
     PADDED = 3  # repeated samples that kept a training batch full after data was lost
     NEW_BUFFERS = 4  # batch buffers allocated (not taken from the pool)
+    CACHE_HITS = 5  # remote shard reads served from the node-local cache (pipeline/cache.py)
+    CACHE_MISSES = 6  # remote shard reads the cache had to fetch (or could not hold)
+    FETCHED_BYTES = 7  # bytes read from remote sources (cache fills and uncached reads)
 
 
 STATS = tuple(s.name.lower() for s in Stat)  # the names stats() reports
@@ -225,7 +228,8 @@ def read_pieces(urls, pieces, warn, counters: Counters, remote: RemoteOptions | 
         delays = remote.delays() if is_remote(url) else []
         while True:
             try:
-                with open_shard(url, remote.timeout) as f:
+                with open_shard(url, remote, counters) as f:
+                    check_claim(f, url, p.skip + p.take)
                     for sample in iter_samples(f, p.skip + got, p.take - got, max_sample_bytes):
                         sample["__index__"] = (p.shard, p.skip + got)
                         sample["__bytes__"] = sample_bytes(sample)

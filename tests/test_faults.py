@@ -405,10 +405,10 @@ def test_info_lengths_are_checked_against_local_shard_sizes(demo_shards, tmp_pat
     root = copy_shards(demo_shards, tmp_path / "wds")
     data = json.loads((root / "_info.json").read_text())
     split = data["splits"]["train"]
-    split["shard_lengths"][0] = 10 ** 12
+    split["shard_lengths"][0] = 10 ** 6  # under the bound on any shard (pipeline.info.MAX_SHARD_SAMPLES)
     split["num_samples"] = sum(split["shard_lengths"])
     (root / "_info.json").write_text(json.dumps(data))
-    with pytest.raises(DataError, match=f"lists 1,000,000,000,000 samples for .*{split['filenames'][0]}"):
+    with pytest.raises(DataError, match=f"lists 1,000,000 samples for .*{split['filenames'][0]}"):
         check_local_shards(load_info(str(root)).split("train"))
 
 
