@@ -33,11 +33,9 @@ _COPY = 1 << 20
 
 
 def parse_size(text) -> int:
-    """'50G', '500M', '1.5T', '4096' (bytes; K/M/G/T are powers of 1024) -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"{text!r} is not a size like 50G, 500M or 4096")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+    """'50G', '500M', '1.5T', '4096', '0' (bytes; K/M/G/T are powers of 1024) -> bytes."""
+    from .shards import byte_size
+    return byte_size(text, minimum=0)
 
 
 def cache_key(url: str) -> str:

@@ -65,7 +65,7 @@ SHUFFLE_BYTES = 256 << 20
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-def byte_size(text) -> int:
+def byte_size(text, minimum: int = 1) -> int:
     """'64M', '1.5G', '4096' (bytes; K/M/G/T are powers of 1024) -> bytes; ValueError otherwise."""
     t = str(text).strip().lower().removesuffix("ib").removesuffix("b")
     unit = t[-1:] if t[-1:] in _UNITS else ""
@@ -73,8 +73,8 @@ def byte_size(text) -> int:
         value = float(t[:len(t) - len(unit)])
     except ValueError:
         raise ValueError(f"{text!r} is not a size (e.g. 64M, 1G, 4096)") from None
-    if not math.isfinite(value) or value < 1:
-        raise ValueError(f"{text!r}: a size must be at least 1 byte")
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{text!r}: a size must be at least {minimum} byte{'s' if minimum != 1 else ''}")
     return int(value * _UNITS[unit])
 
 
