@@ -390,3 +390,23 @@ def resume(path: str, model, optimizer, precision, device: Device | None = None,
     return {"epoch": position["epoch"], "step": position["step"], "position": position,
             "best_metric": best, "config": config if isinstance(config, dict) else {},
             "metric": ckpt.get("metric")}
+
+
+def timm_model_name(source: str) -> str | None:
+    """For a checkpoint of timm's train.py, the model its flags name (`args.model`):
+    timm's files record no `config`. Read with timm's metadata loader (weights_only with the
+    argparse.Namespace allowed, memory-mapped tensors); None when there is nothing to read, and
+    load_model reports an unreadable file itself."""
+    if not os.path.isfile(source):
+        return None
+    import argparse
+
+    from timm.utils.checkpoint_saver import load_checkpoint_metadata
+    try:
+        ckpt = load_checkpoint_metadata(source)
+    except Exception:  # damaged or hostile: load_model reads it again and says why in one line
+        return None
+    if not isinstance(ckpt, dict) or isinstance(ckpt.get("config"), dict):
+        return None
+    name = getattr(ckpt.get("args"), "model", None) if isinstance(ckpt.get("args"), argparse.Namespace) else None
+    return name if isinstance(name, str) and name else None

@@ -43,6 +43,7 @@ from .info import check_local_shards, is_remote
 from .jpeg import jpeg_frame
 from .plan import eval_plan, train_plan
 from .shards import ShardCorrupt, members, open_shard, split_key
+from .stream import STATS
 
 log = logging.getLogger("pipeline")
 
@@ -343,7 +344,7 @@ class DaliLoader:
         return self._source().num_batches(self.epoch)
 
     def stats(self) -> dict:
-        return dict(self.counts)
+        return dict(dict.fromkeys(STATS, 0), **self.counts)  # the contract's keys; DALI reads no cache
 
     def settings(self) -> dict:
         """What runs where, for benchmark reports."""

@@ -82,8 +82,8 @@ def _timm_saver_checkpoint(folder: Path, num_classes: int):
 def test_a_checkpoint_of_timms_train_py_is_read(tmp_path):
     model, path = _timm_saver_checkpoint(tmp_path, num_classes=6)
     assert path.is_file() and isinstance(torch.load(path, weights_only=False)["args"], argparse.Namespace)
-    assert validate_tool.model_name(None, str(path)) == "resnet10t"  # timm's args.model: no --model needed
-    assert validate_tool.model_name("resnet18", str(path)) == "resnet18"  # the flag wins
+    from model.checkpoint import timm_model_name
+    assert timm_model_name(str(path)) == "resnet10t"  # timm's args.model: no --model needed
     loaded = load_model(str(path), model_name="resnet10t")
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[key], value, msg=key)

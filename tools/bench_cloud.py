@@ -19,7 +19,6 @@ object: `rows`, `host`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -28,13 +27,18 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script: the repository's packages are importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.runtime import describe_host, host_facts, resolve_workers  # noqa: E402
+from engine.runtime import resolve_workers  # noqa: E402
 from pipeline.info import load_info  # noqa: E402
 from pipeline.loader import create_loader  # noqa: E402
 from pipeline.remote import RemoteOptions  # noqa: E402
 from pipeline.shards import iter_samples, open_shard  # noqa: E402
+from tools import benchlib  # noqa: E402
+
+# not in `make bench`'s defaults: it starts a moto server (requirements-cloud.txt, moto[server])
+benchlib.register(benchlib.Spec("cloud", __file__, "loader from a local S3 server vs disk, first and cached epoch"))
 
 BUCKET, PREFIX = "bench-shards", "wds"
 
@@ -107,12 +111,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-cloud-") as tmp:
         folder = args.data_path
         if folder is None:
-            from dataprep import make_shards
-            from dataprep.demo import make_demo_data
-            make_demo_data(os.path.join(tmp, "demo"), num_classes=10, train_per_class=args.images_per_class,
-                           val_per_class=1, seed=0, image_size=(500, 375))
-            folder = os.path.join(tmp, "wds")
-            make_shards(os.path.join(tmp, "demo"), folder, max_count=100, progress=False)
+            demo = benchlib.demo_images(os.path.join(tmp, "demo"), args.images_per_class, val_per_class=1)
+            folder = benchlib.demo_shards(demo, os.path.join(tmp, "wds"), max_count=100)
         proc, url = start_store(folder)
         try:
             plain, runs = RemoteOptions(), {}
@@ -132,13 +132,18 @@ def main(argv=None) -> int:
         finally:
             proc.terminate()
             proc.wait()
-    host = host_facts()
-    print(f"{describe_host(host)}; {args.workers} workers, batch {args.batch_size}, {args.img_size} px")
+    host = benchlib.host()
+    print(f"{benchlib.describe(host)}; {args.workers} workers, batch {args.batch_size}, {args.img_size} px")
     for name, row in rows.items():
         print(f"{name:10s} {row['img_per_s']:8.1f} img/s (rounds: {row['rounds']}), read only "
               f"{row['read_mb_per_s']:.1f} MB/s; {row['images']} images, "
               f"fetched {row['fetched_mb']} MB, cache hits {row['cache_hits']}, misses {row['cache_misses']}")
-    print(json.dumps({"rows": rows, "host": host}))
+    disk = rows["disk"]["img_per_s"]
+    report = [benchlib.row("cloud", f"{name} / disk img/s", round(row["img_per_s"] / disk, 3),
+                           ", ".join(f"{x:.1f}" for x in row["rounds"]), f"{row['img_per_s']:.1f} vs {disk:.1f} img/s",
+                           f"{args.workers} workers, batch {args.batch_size}, {args.img_size} px")
+              for name, row in rows.items() if name != "disk"]
+    benchlib.emit({"rows": rows, "host": host, "report": report})
     return 0
 
 

@@ -89,9 +89,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         from engine.inference import eval_settings, load_model
+        from model.checkpoint import timm_model_name
         from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD
-        from tools.validate import model_name
-        loaded = load_model(args.checkpoint, model_name=model_name(args.model, args.checkpoint),
+        loaded = load_model(args.checkpoint, model_name=args.model or timm_model_name(args.checkpoint),
                             pretrained=args.pretrained, ema=args.use_ema)
         size, crop_pct, interp = eval_settings(loaded, args.img_size)
         export(loaded, args.output, size, args.opset)

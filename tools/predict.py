@@ -79,13 +79,13 @@ def predict(args) -> None:
     import torch
 
     from engine.inference import eval_settings, expand_images, file_loader, load_model
+    from model.checkpoint import timm_model_name
     from model.device import resolve_device
     from pipeline.prefetch import Normalize
     from pipeline.transforms import EvalTransform
-    from tools.validate import model_name
 
     dev = resolve_device(args.device)
-    loaded = load_model(args.checkpoint, model_name=model_name(args.model, args.checkpoint),
+    loaded = load_model(args.checkpoint, model_name=args.model or timm_model_name(args.checkpoint),
                         pretrained=args.pretrained, ema=args.use_ema, device=dev)
     names = class_names(loaded, args.classes_from)
     paths = expand_images(args.images)

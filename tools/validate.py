@@ -75,26 +75,6 @@ def batches_for(data: str, classes, transform, batch_size: int, workers: int, pi
     return ((x, y) for x, y, _, _ in loader), len(items), names
 
 
-def model_name(flag: str | None, source: str) -> str | None:
-    """--model, else for a checkpoint of timm's train.py the model its flags name (`args.model`):
-    timm's files record no `config`. Read with timm's metadata loader (weights_only with the
-    argparse.Namespace allowed, memory-mapped tensors); None when there is nothing to read, and
-    load_model reports an unreadable file itself."""
-    if flag or not os.path.isfile(source):
-        return flag
-    import argparse
-
-    from timm.utils.checkpoint_saver import load_checkpoint_metadata
-    try:
-        ckpt = load_checkpoint_metadata(source)
-    except Exception:  # damaged or hostile: load_model reads it again and says why in one line
-        return None
-    if not isinstance(ckpt, dict) or isinstance(ckpt.get("config"), dict):
-        return None
-    name = getattr(ckpt.get("args"), "model", None) if isinstance(ckpt.get("args"), argparse.Namespace) else None
-    return name if isinstance(name, str) and name else None
-
-
 def data_source(typed: str | None, config: dict) -> str:
     """--data, else the data path the checkpoint's run recorded. A `pipe:` path runs a shell
     command, so it is used only when typed on this command line, never from a file."""
@@ -129,13 +109,14 @@ def eval_geometry(loaded, img_size=None, crop_pct=None, interpolation=None,
 def run(args) -> dict:
     from common.host import default_workers
     from engine.inference import as_percent, evaluate, load_model
+    from model.checkpoint import timm_model_name
     from model.device import resolve_device
     from model.precision import resolve_precision
     from pipeline.prefetch import DevicePrefetcher, Normalize
     from pipeline.transforms import EvalTransform
 
     dev = resolve_device(args.device)
-    loaded = load_model(args.checkpoint, model_name=model_name(args.model, args.checkpoint),
+    loaded = load_model(args.checkpoint, model_name=args.model or timm_model_name(args.checkpoint),
                         num_classes=args.num_classes, pretrained=args.pretrained, ema=args.use_ema, device=dev)
     cfg = loaded.config
     data = data_source(args.data, cfg)
