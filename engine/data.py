@@ -5,7 +5,16 @@ import os
 from dataclasses import dataclass
 
 from common.errors import ConfigError, DataError
-from pipeline.augment import ColorJitter, DeviceAugment, Mixup, RandomErasing, WorkerColorJitter
+from pipeline.augment import (
+    ColorJitter,
+    DeviceAugment,
+    ErasingOp,
+    JitterOp,
+    Mixup,
+    MixupOp,
+    RandomErasing,
+    WorkerColorJitter,
+)
 from pipeline.info import check_local_shards, load_info
 from pipeline.loader import BatchLoader, create_loader
 from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize
@@ -14,8 +23,8 @@ from pipeline.remote import RemoteOptions
 from pipeline.resolution import ResolutionSchedule
 from pipeline.synthetic import SyntheticBatches
 
-from .config import jitter_place, mixup_active
 from .dist import Dist
+from .resolved import Resolved, jitter_place, mixup_active
 from .runtime import resolve_workers
 
 
@@ -34,9 +43,9 @@ class Data:
 
 
 def prepare_demo(args, d: Dist) -> None:
-    """No --data_path: make the demo ImageFolder + shards once (local rank 0), then use them (the
-    demo's settings were applied by engine.config.parse_args)."""
-    shards = os.path.join(args.demo_dir, "demo-wds")
+    """No --data_path: make the demo ImageFolder + shards once (local rank 0) where the resolved
+    data path says (the demo's settings were applied by engine.config.parse_config)."""
+    shards = args.data_root
     if d.local_rank == 0 and not os.path.isfile(os.path.join(shards, "_info.json")):
         from dataprep import make_shards
         from dataprep.demo import make_demo_data
@@ -44,7 +53,6 @@ def prepare_demo(args, d: Dist) -> None:
         make_demo_data(os.path.join(args.demo_dir, "demo"), num_classes=10, seed=0)
         make_shards(os.path.join(args.demo_dir, "demo"), shards, max_count=100, progress=False)
     d.barrier()
-    args.data_path = shards
     d.say(f"demo: {args.img_size} px, batch {args.batch_size}, {args.epochs} epochs, LR {args.lr} "
           f"per update (pass --data_path for real data)")
 
@@ -56,40 +64,44 @@ def resolve_num_classes(args, info) -> int:
         return known if known > 0 else 1000
     if known > 0 and args.num_classes != known:
         raise ConfigError(f"--num-classes {args.num_classes} does not match the {known} classes of "
-                          f"{args.data_path}/_info.json (leave it out to use them)")
+                          f"{args.data_root}/_info.json (leave it out to use them)")
     return args.num_classes
 
 
 def make_augment(args, d: Dist, num_classes: int) -> DeviceAugment | None:
-    """Colour jitter (unless it runs in the workers), mixup/cutmix and random erasing, on the device."""
-    jitter = ColorJitter(*[args.color_jitter] * 3) if jitter_place(args, d.device.type) == "device" else None
-    mixup = Mixup(args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob, args.mixup_switch_prob,
-                  label_smoothing=args.smoothing, num_classes=num_classes) if mixup_active(args) else None
-    erasing = RandomErasing(args.reprob, args.remode, max_count=args.recount) if args.reprob > 0 else None
-    augment = DeviceAugment(d.device.torch, seed=args.seed, rank=d.rank, jitter=jitter, mixup=mixup,
-                            erasing=erasing, mixup_off_epoch=args.mixup_off_epoch)
-    return augment if augment.active else None
+    """The device-side ops, in timm's order: colour jitter (unless it runs in the workers) before
+    normalisation, then mixup/cutmix and random erasing. A new device op: append it here."""
+    ops = []
+    if jitter_place(args, d.device.type) == "device":
+        ops.append(JitterOp(ColorJitter(*[args.color_jitter] * 3)))
+    if mixup_active(args):
+        ops.append(MixupOp(Mixup(args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob, args.mixup_switch_prob,
+                                 label_smoothing=args.smoothing, num_classes=num_classes), args.mixup_off_epoch))
+    if args.reprob > 0:
+        ops.append(ErasingOp(RandomErasing(args.reprob, args.remode, max_count=args.recount)))
+    return DeviceAugment(d.device.torch, seed=args.seed, rank=d.rank, ops=ops) if ops else None
 
 
 def has_validation(args, d: Dist, info) -> bool:
     """Whether the shards have a validation split; says so when they have none."""
     found = any(name in info.splits for name in ("validation", "val", "valid"))
     if not found and not (args.no_val or args.performance):
-        d.say(f"warning: {args.data_path} has no validation split: no validation and no best.pth "
+        d.say(f"warning: {args.data_root} has no validation split: no validation and no best.pth "
               "(make_shards writes one from SRC/val/)")
     return found
 
 
-def make_data(args, d: Dist) -> Data:
+def make_data(args: Resolved, d: Dist) -> Data:
+    """This rank's loaders and feeders for a resolved configuration."""
     dev = d.device
     if args.decode == "gpu" and dev.type != "cuda":
         raise ConfigError(f"--decode gpu needs a CUDA device (nvJPEG); this run is on {dev.type}")
-    if args.data_path is None and not args.synthetic:
+    if args.demo:
         prepare_demo(args, d)
     remote = RemoteOptions(timeout=args.io_timeout, retries=args.io_retries)
-    info = load_info(args.data_path, remote) if args.data_path else None
+    info = load_info(args.data_root, remote) if args.data_root else None
     if info is not None and not args.synthetic and info.num_classes < 1 and args.num_classes is None:
-        raise DataError(f"{args.data_path}: _info.json has no class list or num_classes (or pass --num-classes)")
+        raise DataError(f"{args.data_root}: _info.json has no class list or num_classes (or pass --num-classes)")
     num_classes = resolve_num_classes(args, info)
     normalize = Normalize(dev.torch, IMAGENET_MEAN, IMAGENET_STD, channels_last=args.channels_last)
     augment = make_augment(args, d, num_classes)
@@ -123,7 +135,7 @@ def make_data(args, d: Dist) -> Data:
         how = f"DALI ({train.settings()['decoder']}, {workers} threads, {train.py_workers} reader processes)/rank"
     else:
         how = f"{workers} workers/rank, decode {args.decode}"
-    d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
+    d.say(f"data: {args.data_root}: {split.num_samples:,} train samples, {num_classes} classes, "
           f"{len(train)} steps/epoch/rank, {how}")
     if val is not None:
         d.say(f"validation: {_val_size(args)} px, centre crop {_val_crop(args):g}, "

@@ -163,8 +163,7 @@ class StreamLoader:
             reason = worker_failure(e)
             if reason is None:
                 raise
-            raise DataLoadingError(f"{reason}; rerun the same command with --auto-resume to continue "
-                                   "from the last checkpoint") from None
+            raise DataLoadingError(f"{reason}; resume from the last checkpoint to continue") from None
         finally:
             self.shared.release(slot)
 
@@ -184,7 +183,8 @@ def create_loader(split, *, train: bool, batch_size: int, img_size: int = 224,
     """A loader of uint8 NHWC batches (or, with decoder='gpu', of JPEG bytes + crop boxes).
 
     `augment(out, rng)` (train only) changes each HWC uint8 crop in the worker, e.g. a
-    pipeline.randaugment.RandAugment. Reduced-size decoding is on for training and off for
+    pipeline.randaugment.RandAugment; with decoder='gpu' the workers decode nothing, so there is
+    no crop to change (engine.config refuses the combination). Reduced-size decoding is on for training and off for
     evaluation by default: on a large image it moves the eval tensor away from timm's
     (tests/test_transforms.py). `num_classes`: labels outside [0, num_classes) are skipped and
     counted. `remote`: timeouts and retries for http/pipe shards. `timeout`: seconds without a
@@ -194,8 +194,6 @@ def create_loader(split, *, train: bool, batch_size: int, img_size: int = 224,
     """
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
-    if decoder == "gpu" and augment is not None:
-        raise ValueError("worker augmentation runs on decoded pixels: it does not combine with decoder='gpu'")
     cpu_decoder = "pil" if decoder == "pil" else "tv"
     reduce = train if reduced_decode is None else reduced_decode
     if train:

@@ -208,7 +208,7 @@ def read_pieces(urls, pieces, warn, counters: Counters, remote: RemoteOptions | 
                 if not delays:
                     raise DataLoadingError(
                         f"shard {url}: {e} (tried {remote.retries + 1} times); the data source is "
-                        "unreachable: fix it, then rerun the same command with --auto-resume") from None
+                        "unreachable: fix it, then resume from the last checkpoint") from None
                 wait = delays.pop(0)
                 warn(f"shard {url}: {e}; retrying in {wait:g} s")
                 time.sleep(wait)
