@@ -393,7 +393,7 @@ class RunConfig(Section):
         try:
             parse_interval(self.checkpoint_interval)
         except ValueError as e:
-            raise ConfigError(f"--checkpoint-interval {e}") from None
+            raise ConfigError(str(e)) from None
         check_file("--resume", self.resume)
 
 
@@ -488,7 +488,7 @@ def parse_interval(text: str | None):
             return "steps", int(text)
     except ValueError:
         pass
-    raise ValueError(f"{text!r}: give steps (500) or a time (10m, 90s, 2h)")
+    raise ValueError(f"--checkpoint-interval {text!r}: give steps (500) or a time (10m, 90s, 2h)")
 
 
 # Moved to engine.flags (the command line) and engine.resolved (what a run decides at its start);
