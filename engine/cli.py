@@ -16,7 +16,7 @@ from .wording import flag_wording
 def run(config) -> dict:
     """Train (or, with --performance, measure) as a Config or Resolved says; returns the summary
     or the measurement."""
-    from .build import build  # torch, timm and the loaders load only now: a bad flag is refused at once
+    from .builder import build  # torch, timm and the loaders load only now: a bad flag is refused at once
     from .trainer import Trainer
 
     trainer = Trainer(build(config))

@@ -21,7 +21,7 @@ Constructing a section validates it (`check()`, from `__post_init__`); `Config` 
 rules that join two sections. Nothing changes a Config afterwards: what is decided when a run
 starts (run folder, the checkpoint --auto-resume found, the demo's data folder, notes) is a
 `Resolved` beside it (engine/resolved.py: `resolve(config)`); the world size, the LR from
---lr-base and where colour jitter runs are decided in `engine.build`, where the device is known.
+--lr-base and where colour jitter runs are decided in `engine.builder`, where the device is known.
 
 Adding a flag: one field in the section it belongs to, e.g. in DataConfig
 
@@ -301,7 +301,7 @@ class OptimConfig(Section):
 
 @dataclass(frozen=True)
 class SchedConfig(Section):
-    """The schedule's flags; engine.build turns them into model.schedule.ScheduleConfig."""
+    """The schedule's flags; engine.builder turns them into model.schedule.ScheduleConfig."""
     GROUP = "optimizer and schedule"
     sched: str = option("cosine", "LR schedule: cosine or step after the warmup; linear-step: FFCV's triangle",
                         choices=SCHEDULES)

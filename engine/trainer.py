@@ -1,5 +1,5 @@
 """The Trainer: the loops of a run, `fit()` (train + validate every epoch) and `benchmark()`
-(--performance), over the parts `engine.build` made (model, optimizer, precision, schedule,
+(--performance), over the parts `engine.builder` made (model, optimizer, precision, schedule,
 checkpoints, metrics).
 
 Fault tolerance: a checkpoint records the position (epoch, step, each rank's loader progress),
@@ -17,7 +17,7 @@ from common.errors import DataLoadingError
 from model.schedule import total_epochs
 from pipeline.stream import STATS
 
-from .build import Parts, build_parts
+from .builder import Parts, build_parts
 from .control import Control, Preempted, reason
 from .data import Data
 from .dist import Dist, distribute_bn
@@ -27,7 +27,7 @@ from .runtime import compute_settings
 
 
 class Trainer:
-    """The loops of a run over parts that `engine.build.build` made: `fit()` (train, validate,
+    """The loops of a run over parts that `engine.builder.build` made: `fit()` (train, validate,
     checkpoint every epoch), `train_epoch()`, `validate()`, `save()` and `benchmark()`."""
 
     def __init__(self, parts: Parts, d: Dist | None = None, data: Data | None = None):

@@ -49,7 +49,7 @@ SMALL = ["--model", "resnet10t", "--img-size", "32", "-b", "8", "-j", "1", "--lo
 
 def make_trainer(argv):
     """A Trainer built from train_stream's flags on this process, as train_stream builds it."""
-    from engine.build import build
+    from engine.builder import build
     from engine.config import parse_args
     from engine.trainer import Trainer
     return Trainer(build(parse_args(argv)))
