@@ -22,7 +22,7 @@ from .control import Control, Preempted, reason
 from .data import Data
 from .dist import Dist, distribute_bn
 from .inference import as_percent, evaluate
-from .resolved import NOT_FLAGS, plain_config  # noqa: F401  (NOT_FLAGS: re-exported for tests and tools)
+from .resolved import plain_config
 from .runtime import compute_settings
 
 
