@@ -40,6 +40,7 @@ class Data:
     identity: dict | None = None  # the data set's name, fingerprint and size (checkpoints record it)
     val_samples: int = 0  # validation images _info.json lists: fewer seen = an incomplete validation
     classes: tuple = ()  # class names in index order (_info.json), recorded in checkpoints
+    jitter_in: str | None = None  # where colour jitter runs: "device", "workers" or None (off)
 
 
 def prepare_demo(args, d: Dist) -> None:
@@ -68,11 +69,11 @@ def resolve_num_classes(args, info) -> int:
     return args.num_classes
 
 
-def make_augment(args, d: Dist, num_classes: int) -> DeviceAugment | None:
+def make_augment(args, d: Dist, num_classes: int, jitter: str | None) -> DeviceAugment | None:
     """The device-side ops, in timm's order: colour jitter (unless it runs in the workers) before
     normalisation, then mixup/cutmix and random erasing. A new device op: append it here."""
     ops = []
-    if jitter_place(args, d.device.type) == "device":
+    if jitter == "device":
         ops.append(JitterOp(ColorJitter(*[args.color_jitter] * 3)))
     if mixup_active(args):
         ops.append(MixupOp(Mixup(args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob, args.mixup_switch_prob,
@@ -104,7 +105,8 @@ def make_data(args: Resolved, d: Dist) -> Data:
         raise DataError(f"{args.data_root}: _info.json has no class list or num_classes (or pass --num-classes)")
     num_classes = resolve_num_classes(args, info)
     normalize = Normalize(dev.torch, IMAGENET_MEAN, IMAGENET_STD, channels_last=args.channels_last)
-    augment = make_augment(args, d, num_classes)
+    jitter = jitter_place(args, dev.type)  # decided once per run: "device", "workers" or None
+    augment = make_augment(args, d, num_classes, jitter)
     to_train = to_val = None
     if args.decode == "gpu" and args.loader == "ours":  # DALI's mixed decoder hands over device tensors
         from pipeline.gpu_decode import make_to_device
@@ -116,12 +118,12 @@ def make_data(args: Resolved, d: Dist) -> Data:
         steps = args.perf_steps + args.perf_warmup if args.performance else 100
         train = SyntheticBatches(dev.torch, batch_size=args.batch_size, img_size=resolution.min_res,
                                  num_classes=num_classes, steps=steps, seed=args.seed)
-        return Data(train, None, num_classes, feed, val_feed, augment)
+        return Data(train, None, num_classes, feed, val_feed, augment, jitter_in=jitter)
     split = info.split("train")
     check_local_shards(split)
     workers = resolve_workers(args.workers, d.local_world)
     make = _dali_maker(args, d, workers, num_classes) if args.loader == "dali" else \
-        _our_maker(args, d, workers, num_classes, remote, resolution)
+        _our_maker(args, d, workers, num_classes, remote, resolution, jitter)
     train = make(split, True, args.batch_size)
     if len(train) < 1:
         raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
@@ -140,18 +142,18 @@ def make_data(args: Resolved, d: Dist) -> Data:
     if val is not None:
         d.say(f"validation: {_val_size(args)} px, centre crop {_val_crop(args):g}, "
               f"{args.interpolation}{', flip TTA' if args.val_tta == 'flip' else ''}")
-    in_workers = f", colour jitter {args.color_jitter:g}" if jitter_place(args, dev.type) == "workers" else ""
+    in_workers = f", colour jitter {args.color_jitter:g}" if jitter == "workers" else ""
     d.say(f"augmentation: crop {args.train_interpolation}{', ' + args.aa if args.aa else ''}{in_workers}"
           f"{'; on the device: ' + augment.describe() if augment else ''}")
     return Data(train, val, num_classes, feed, val_feed, augment, workers, info.identity(), val_samples,
-                tuple(info.classes))
+                tuple(info.classes), jitter)
 
 
-def worker_augment(args, d: Dist):
+def worker_augment(args, jitter: str | None):
     """The per-image augmentation of the workers: RandAugment (--aa) or colour jitter, or None."""
     if args.aa:
         return RandAugment(args.aa)
-    if jitter_place(args, d.device.type) == "workers":
+    if jitter == "workers":
         return WorkerColorJitter(*[args.color_jitter] * 3)
     return None
 
@@ -164,7 +166,8 @@ def _val_crop(args) -> float:
     return args.val_crop_pct or args.crop_pct
 
 
-def _our_maker(args, d: Dist, workers: int, num_classes: int, remote, resolution: ResolutionSchedule):
+def _our_maker(args, d: Dist, workers: int, num_classes: int, remote, resolution: ResolutionSchedule,
+               jitter: str | None):
     """make(split, train, batch_size) -> our StreamLoader (pipeline/loader.py); training starts at
     --min-res with buffers for the largest size, validation at --val-res."""
     common = dict(num_workers=workers, seed=args.seed, world_size=d.world,
@@ -178,7 +181,7 @@ def _our_maker(args, d: Dist, workers: int, num_classes: int, remote, resolution
         if train:
             return create_loader(split, train=True, batch_size=batch_size, shuffle_buffer=args.shuffle_buffer,
                                  train_interpolation=args.train_interpolation,
-                                 augment=worker_augment(args, d), img_size=resolution.min_res,
+                                 augment=worker_augment(args, jitter), img_size=resolution.min_res,
                                  largest_img_size=resolution.largest, crop_pct=args.crop_pct, **common)
         return create_loader(split, train=False, batch_size=batch_size, eval_interpolation=args.interpolation,
                              img_size=_val_size(args), crop_pct=_val_crop(args), **common)
