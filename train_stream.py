@@ -26,7 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from a clone, any cwd
 
 from engine.cli import main  # noqa: E402
-from engine.config import parse_args  # noqa: E402,F401  (tests and tools use train_stream.parse_args)
+from engine.flags import parse_args  # noqa: E402,F401  (tests and tools use train_stream.parse_args)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,37 +9,49 @@ import sys
 
 from common.errors import PREEMPTED_EXIT, DataLoadingError, Preempted, UserError, user_message
 
-from .config import parse_args
+from .flags import parse_args
+from .wording import flag_wording
 
 
-def run(args) -> dict:
-    """Train (or, with --performance, measure) as the flags say; returns the summary or result."""
-    from .data import make_data  # torch, timm and the loaders load only now: a bad flag is refused at once
-    from .dist import setup_distributed
-    from .runtime import configure_torch
+def run(config) -> dict:
+    """Train (or, with --performance, measure) as a Config or Resolved says; returns the summary
+    or the measurement."""
+    from .builder import build  # torch, timm and the loaders load only now: a bad flag is refused at once
     from .trainer import Trainer
 
-    d = setup_distributed(args.device, args.device_id, args.local_rank)
-    for note in args.notes:  # where the run goes, auto-resume, warnings about the flags
-        d.say(note)
-    configure_torch()
-    trainer = Trainer(args, d, make_data(args, d))
-    if args.performance:
+    trainer = Trainer(build(config))
+    if trainer.config.run.performance:
         result = trainer.benchmark()
-        if d.main:
+        if trainer.d.main:
             print(json.dumps(result), flush=True)
         return result
     return trainer.fit()
 
 
+class _Wording(logging.Filter):
+    """The library's warnings in the command line's words (loader workers inherit it by fork)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = flag_wording(record.getMessage()), None
+        return True
+
+
+def install_log_wording() -> None:
+    for name in ("pipeline", "model"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _Wording) for f in log.filters):
+            log.addFilter(_Wording())
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_wording()
     try:
         run(parse_args(argv))
         return 0
     except UserError as e:
         prefix = "data loading failed: " if isinstance(e, DataLoadingError) else ""
-        print(f"train_stream: error: {prefix}{user_message(e)}", file=sys.stderr, flush=True)
+        print(f"train_stream: error: {prefix}{flag_wording(user_message(e))}", file=sys.stderr, flush=True)
         return e.exit_code
     except RuntimeError as e:  # a loader worker or another rank died: not a bug here, one line
         from pipeline.loader import worker_failure
@@ -49,8 +61,7 @@ def main(argv=None) -> int:
         if reason is None:
             raise
         if "DataLoader" in reason:
-            reason = (f"data loading failed: {reason}; rerun the same command with --auto-resume to continue "
-                      "from the last checkpoint")
+            reason = flag_wording(f"data loading failed: {reason}; resume from the last checkpoint to continue")
         print(f"train_stream: error: {reason}", file=sys.stderr, flush=True)
         return 1
     except Preempted as e:

@@ -5,7 +5,16 @@ import os
 from dataclasses import dataclass
 
 from common.errors import ConfigError, DataError
-from pipeline.augment import ColorJitter, DeviceAugment, Mixup, RandomErasing, WorkerColorJitter
+from pipeline.augment import (
+    ColorJitter,
+    DeviceAugment,
+    ErasingOp,
+    JitterOp,
+    Mixup,
+    MixupOp,
+    RandomErasing,
+    WorkerColorJitter,
+)
 from pipeline.info import check_local_shards, load_info
 from pipeline.loader import BatchLoader, check_shared_memory, create_loader
 from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize
@@ -14,8 +23,8 @@ from pipeline.remote import RemoteOptions
 from pipeline.resolution import ResolutionSchedule
 from pipeline.synthetic import SyntheticBatches
 
-from .config import jitter_place, mixup_active
 from .dist import Dist
+from .resolved import Resolved, jitter_place, mixup_active
 from .runtime import resolve_workers
 
 
@@ -31,12 +40,13 @@ class Data:
     identity: dict | None = None  # the data set's name, fingerprint and size (checkpoints record it)
     val_samples: int = 0  # validation images _info.json lists: fewer seen = an incomplete validation
     classes: tuple = ()  # class names in index order (_info.json), recorded in checkpoints
+    jitter_in: str | None = None  # where colour jitter runs: "device", "workers" or None (off)
 
 
 def prepare_demo(args, d: Dist) -> None:
-    """No --data_path: make the demo ImageFolder + shards once (local rank 0), then use them (the
-    demo's settings were applied by engine.config.parse_args)."""
-    shards = os.path.join(args.demo_dir, "demo-wds")
+    """No --data_path: make the demo ImageFolder + shards once (local rank 0) where the resolved
+    data path says (the demo's settings were applied by engine.config.parse_config)."""
+    shards = args.data_root
     if d.local_rank == 0 and not os.path.isfile(os.path.join(shards, "_info.json")):
         from dataprep import make_shards
         from dataprep.demo import make_demo_data
@@ -44,7 +54,6 @@ def prepare_demo(args, d: Dist) -> None:
         make_demo_data(os.path.join(args.demo_dir, "demo"), num_classes=10, seed=0)
         make_shards(os.path.join(args.demo_dir, "demo"), shards, max_count=100, progress=False)
     d.barrier()
-    args.data_path = shards
     d.say(f"demo: {args.img_size} px, batch {args.batch_size}, {args.epochs} epochs, LR {args.lr} "
           f"per update (pass --data_path for real data)")
 
@@ -56,34 +65,35 @@ def resolve_num_classes(args, info) -> int:
         return known if known > 0 else 1000
     if known > 0 and args.num_classes != known:
         raise ConfigError(f"--num-classes {args.num_classes} does not match the {known} classes of "
-                          f"{args.data_path}/_info.json (leave it out to use them)")
+                          f"{args.data_root}/_info.json (leave it out to use them)")
     return args.num_classes
 
 
-def make_augment(args, d: Dist, num_classes: int) -> DeviceAugment | None:
-    """Colour jitter (unless it runs in the workers), mixup/cutmix and random erasing, on the device."""
-    jitter = ColorJitter(*[args.color_jitter] * 3) if jitter_place(args, d.device.type) == "device" else None
-    mixup = Mixup(args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob, args.mixup_switch_prob,
-                  label_smoothing=args.smoothing, num_classes=num_classes) if mixup_active(args) else None
-    erasing = RandomErasing(args.reprob, args.remode, max_count=args.recount) if args.reprob > 0 else None
-    augment = DeviceAugment(d.device.torch, seed=args.seed, rank=d.rank, jitter=jitter, mixup=mixup,
-                            erasing=erasing, mixup_off_epoch=args.mixup_off_epoch)
-    return augment if augment.active else None
+def make_augment(args, d: Dist, num_classes: int, jitter: str | None) -> DeviceAugment | None:
+    """The device-side ops, in timm's order: colour jitter (unless it runs in the workers) before
+    normalisation, then mixup/cutmix and random erasing. A new device op: append it here."""
+    ops = []
+    if jitter == "device":
+        ops.append(JitterOp(ColorJitter(*[args.color_jitter] * 3)))
+    if mixup_active(args):
+        ops.append(MixupOp(Mixup(args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob, args.mixup_switch_prob,
+                                 label_smoothing=args.smoothing, num_classes=num_classes), args.mixup_off_epoch))
+    if args.reprob > 0:
+        ops.append(ErasingOp(RandomErasing(args.reprob, args.remode, max_count=args.recount)))
+    return DeviceAugment(d.device.torch, seed=args.seed, rank=d.rank, ops=ops) if ops else None
 
 
 def has_validation(args, d: Dist, info) -> bool:
     """Whether the shards have a validation split; says so when they have none."""
     found = any(name in info.splits for name in ("validation", "val", "valid"))
     if not found and not (args.no_val or args.performance):
-        d.say(f"warning: {args.data_path} has no validation split: no validation and no best.pth "
+        d.say(f"warning: {args.data_root} has no validation split: no validation and no best.pth "
               "(make_shards writes one from SRC/val/)")
     return found
 
 
 def remote_options(args, d: Dist) -> RemoteOptions:
     """How remote shards are read (timeouts, retries, minimum rate) and cached (docs/cloud.md)."""
-    if args.cache_dir is not None and not args.cache_limit:
-        raise ConfigError("--cache-dir needs --cache-limit SIZE (e.g. 500G): the most the cache may hold")
     if args.cache_dir is not None:
         from pipeline.cache import ShardCache
         try:
@@ -96,19 +106,21 @@ def remote_options(args, d: Dist) -> RemoteOptions:
                          cache_limit=args.cache_limit or 0)
 
 
-def make_data(args, d: Dist) -> Data:
+def make_data(args: Resolved, d: Dist) -> Data:
+    """This rank's loaders and feeders for a resolved configuration."""
     dev = d.device
     if args.decode == "gpu" and dev.type != "cuda":
         raise ConfigError(f"--decode gpu needs a CUDA device (nvJPEG); this run is on {dev.type}")
-    if args.data_path is None and not args.synthetic:
+    if args.demo:
         prepare_demo(args, d)
     remote = remote_options(args, d)
-    info = load_info(args.data_path, remote) if args.data_path else None
+    info = load_info(args.data_root, remote) if args.data_root else None
     if info is not None and not args.synthetic and info.num_classes < 1 and args.num_classes is None:
-        raise DataError(f"{args.data_path}: _info.json has no class list or num_classes (or pass --num-classes)")
+        raise DataError(f"{args.data_root}: _info.json has no class list or num_classes (or pass --num-classes)")
     num_classes = resolve_num_classes(args, info)
     normalize = Normalize(dev.torch, IMAGENET_MEAN, IMAGENET_STD, channels_last=args.channels_last)
-    augment = make_augment(args, d, num_classes)
+    jitter = jitter_place(args, dev.type)  # decided once per run: "device", "workers" or None
+    augment = make_augment(args, d, num_classes, jitter)
     to_train = to_val = None
     if args.decode == "gpu" and args.loader == "ours":  # DALI's mixed decoder hands over device tensors
         from pipeline.gpu_decode import make_to_device
@@ -120,12 +132,12 @@ def make_data(args, d: Dist) -> Data:
         steps = args.perf_steps + args.perf_warmup if args.performance else 100
         train = SyntheticBatches(dev.torch, batch_size=args.batch_size, img_size=resolution.min_res,
                                  num_classes=num_classes, steps=steps, seed=args.seed)
-        return Data(train, None, num_classes, feed, val_feed, augment)
+        return Data(train, None, num_classes, feed, val_feed, augment, jitter_in=jitter)
     split = info.split("train")
     check_local_shards(split)
     workers = resolve_workers(args.workers, d.local_world)
     make = _dali_maker(args, d, workers, num_classes) if args.loader == "dali" else \
-        _our_maker(args, d, workers, num_classes, remote, resolution)
+        _our_maker(args, d, workers, num_classes, remote, resolution, jitter)
     train = make(split, True, args.batch_size)
     if len(train) < 1:
         raise DataError(f"{split.num_samples} training samples are fewer than one global batch "
@@ -141,23 +153,23 @@ def make_data(args, d: Dist) -> Data:
         how = f"{workers} workers/rank, decode {args.decode}"
     if args.loader == "ours":  # before set-up: the workers' batches must fit the node's /dev/shm
         check_shared_memory([train, val], d.local_world)
-    d.say(f"data: {args.data_path}: {split.num_samples:,} train samples, {num_classes} classes, "
+    d.say(f"data: {args.data_root}: {split.num_samples:,} train samples, {num_classes} classes, "
           f"{len(train)} steps/epoch/rank, {how}")
     if val is not None:
         d.say(f"validation: {_val_size(args)} px, centre crop {_val_crop(args):g}, "
               f"{args.interpolation}{', flip TTA' if args.val_tta == 'flip' else ''}")
-    in_workers = f", colour jitter {args.color_jitter:g}" if jitter_place(args, dev.type) == "workers" else ""
+    in_workers = f", colour jitter {args.color_jitter:g}" if jitter == "workers" else ""
     d.say(f"augmentation: crop {args.train_interpolation}{', ' + args.aa if args.aa else ''}{in_workers}"
           f"{'; on the device: ' + augment.describe() if augment else ''}")
     return Data(train, val, num_classes, feed, val_feed, augment, workers, info.identity(), val_samples,
-                tuple(info.classes))
+                tuple(info.classes), jitter)
 
 
-def worker_augment(args, d: Dist):
+def worker_augment(args, jitter: str | None):
     """The per-image augmentation of the workers: RandAugment (--aa) or colour jitter, or None."""
     if args.aa:
         return RandAugment(args.aa)
-    if jitter_place(args, d.device.type) == "workers":
+    if jitter == "workers":
         return WorkerColorJitter(*[args.color_jitter] * 3)
     return None
 
@@ -170,7 +182,8 @@ def _val_crop(args) -> float:
     return args.val_crop_pct or args.crop_pct
 
 
-def _our_maker(args, d: Dist, workers: int, num_classes: int, remote, resolution: ResolutionSchedule):
+def _our_maker(args, d: Dist, workers: int, num_classes: int, remote, resolution: ResolutionSchedule,
+               jitter: str | None):
     """make(split, train, batch_size) -> our StreamLoader (pipeline/loader.py); training starts at
     --min-res with buffers for the largest size, validation at --val-res."""
     common = dict(num_workers=workers, seed=args.seed, world_size=d.world,
@@ -185,7 +198,7 @@ def _our_maker(args, d: Dist, workers: int, num_classes: int, remote, resolution
             return create_loader(split, train=True, batch_size=batch_size, shuffle_buffer=args.shuffle_buffer,
                                  shuffle_bytes=args.shuffle_buffer_bytes,
                                  train_interpolation=args.train_interpolation,
-                                 augment=worker_augment(args, d), img_size=resolution.min_res,
+                                 augment=worker_augment(args, jitter), img_size=resolution.min_res,
                                  largest_img_size=resolution.largest, crop_pct=args.crop_pct, **common)
         return create_loader(split, train=False, batch_size=batch_size, eval_interpolation=args.interpolation,
                              img_size=_val_size(args), crop_pct=_val_crop(args), **common)

@@ -48,41 +48,32 @@ def _unique(path: str) -> str:
     return candidate
 
 
-def resolve(args) -> list[str]:
-    """Set args.run_dir (None: save nothing) and, for --auto-resume, args.resume. Returns the
-    lines to tell the user (rank 0 prints them)."""
-    notes = []
-    if args.no_output:
-        if args.output or args.experiment or args.auto_resume:
-            raise ConfigError("--no-output saves nothing: it cannot be combined with --output, --experiment "
-                              "or --auto-resume")
-        args.run_dir = None
-        return ["output: none (--no-output): no metrics, checkpoints or logs are saved"]
-    root = args.output or (None if args.performance else DEFAULT_ROOT)
+def resolve_run_dir(config) -> tuple[str | None, str | None, list[str]]:
+    """(the run folder, None: save nothing; the checkpoint to resume; the lines to tell the user,
+    rank 0 prints them) of a Config. Reads the file system, writes nothing."""
+    out, run = config.outputs, config.run
+    if out.no_output:  # with --output, --experiment or --auto-resume: refused by the Config
+        return None, run.resume, ["output: none (--no-output): no metrics, checkpoints or logs are saved"]
+    root = out.output or (None if run.performance else DEFAULT_ROOT)
     if root is None:
-        args.run_dir = None
-        return notes
-    name = args.experiment
-    if name is not None and (not name or os.sep in name or name in (".", "..")):
-        raise ConfigError(f"--experiment {args.experiment!r} must be a plain folder name")
-    if args.resume:
-        args.run_dir = (os.path.join(root, args.experiment) if args.experiment
-                        else os.path.dirname(os.path.abspath(args.resume)))
-    elif args.experiment:
-        args.run_dir = os.path.join(root, args.experiment)
-        last = os.path.join(args.run_dir, "last.pth")
-        if args.auto_resume and os.path.isfile(last):
-            args.resume = last
+        return None, run.resume, []
+    notes, resume = [], run.resume
+    if resume:
+        run_dir = os.path.join(root, out.experiment) if out.experiment else os.path.dirname(os.path.abspath(resume))
+    elif out.experiment:
+        run_dir = os.path.join(root, out.experiment)
+        last = os.path.join(run_dir, "last.pth")
+        if run.auto_resume and os.path.isfile(last):
+            resume = last
             notes.append(f"auto-resume: continuing {last}")
-        elif holds_run(args.run_dir):
-            raise ConfigError(f"{args.run_dir} already holds a run: pass --auto-resume (or --resume "
+        elif holds_run(run_dir):
+            raise ConfigError(f"{run_dir} already holds a run: pass --auto-resume (or --resume "
                               f"{last}) to continue it, or choose another --experiment")
     else:
-        found = newest_run(root) if args.auto_resume else None
+        found = newest_run(root) if run.auto_resume else None
         if found:
-            args.run_dir, args.resume = found, os.path.join(found, "last.pth")
-            notes.append(f"auto-resume: continuing {args.resume}")
+            run_dir, resume = found, os.path.join(found, "last.pth")
+            notes.append(f"auto-resume: continuing {resume}")
         else:
-            args.run_dir = _unique(os.path.join(root, run_name(args.model, args.img_size)))
-    notes.insert(0, f"output: {args.run_dir}")
-    return notes
+            run_dir = _unique(os.path.join(root, run_name(config.network.model, config.data.img_size)))
+    return run_dir, resume, [f"output: {run_dir}", *notes]

@@ -1,199 +1,65 @@
-"""The Trainer: owns the model, optimizer, precision, schedule, checkpoints and metrics of a run,
-and its loops: `fit()` (train + validate every epoch) and `benchmark()` (--performance).
+"""The Trainer: the loops of a run, `fit()` (train + validate every epoch) and `benchmark()`
+(--performance), over the parts `engine.builder` made (model, optimizer, precision, schedule,
+checkpoints, metrics).
 
 Fault tolerance: a checkpoint records the position (epoch, step, each rank's loader progress),
 so a resume continues at that step with the identical remaining samples; `engine.control`
 stops every rank at the same step on a preemption signal, after one checkpoint."""
 from __future__ import annotations
 
-import json
 import os
-import random
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.errors import CheckpointError, DataLoadingError
-from model.checkpoint import CheckpointSaver, resume
-from model.factory import compile_model, create_model
-from model.optim import OPTIMIZERS, create_optimizer
-from model.schedule import LRSchedule, ScheduleConfig, scale_lr, total_epochs
-from pipeline.resolution import ResolutionSchedule
+from common.errors import DataLoadingError
+from model.schedule import total_epochs
 from pipeline.stream import STATS
 
-from .config import mixup_active
-from .control import Control, Preempted, parse_interval, reason
+from .builder import Parts, build_parts
+from .control import Control, Preempted, reason
 from .data import Data
-from .dist import Dist, distribute_bn, sync_batchnorm
+from .dist import Dist, distribute_bn
 from .inference import as_percent, evaluate
-from .metrics import Metrics
-from .monitor import Monitor
-from .runtime import compute_settings, precision_for
-
-
-def _progress_rows(rows, workers: int) -> bool:
-    """A loader progress as StreamLoader.progress() makes it: [batches, taken, padded] per worker."""
-    return (isinstance(rows, list) and len(rows) == workers
-            and all(isinstance(r, list) and len(r) == 3
-                    and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 62 for v in r)
-                    for r in rows))
+from .resolved import plain_config
+from .runtime import compute_settings
 
 
 class Trainer:
-    def __init__(self, args, d: Dist, data: Data):
-        self.args, self.d, self.dev, self.data = args, d, d.device, data
-        self.steps_per_epoch = len(data.train)
-        torch.manual_seed(args.seed)  # the same initial weights on every rank
-        extra = {} if args.drop_path is None else {"drop_path_rate": args.drop_path}
-        self.model = create_model(args.model, num_classes=data.num_classes, zero_init_last=args.zero_init_last,
-                                  channels_last=args.channels_last, device=self.dev, pretrained=args.pretrained,
-                                  pretrained_path=args.pretrained_path,
-                                  checkpoint_path=args.initial_checkpoint or None, blurpool=args.blurpool,
-                                  **extra)
-        seed_everything(args.seed + d.rank)  # as timm's random_seed(seed, rank): drop path differs per rank
-        self.dist_bn = args.dist_bn
-        if args.sync_bn:
-            self.model = sync_batchnorm(self.model, d)
-            self.dist_bn = ""  # as timm: synchronised BN needs no statistics averaging
-        global_batch = args.batch_size * d.world
-        self.lr = args.lr if args.lr is not None else \
-            scale_lr(args.lr_base, global_batch, args.lr_base_size, args.lr_base_scale or "linear")
-        self.optimizer, opt_desc = create_optimizer(self.model, self.lr, args.momentum, args.weight_decay,
-                                                    OPTIMIZERS[args.opt], self.dev, apex=args.apex_amp)
-        self.precision = precision_for(args, self.dev)
-        self.model, self.optimizer = self.precision.prepare(self.model, self.optimizer)
-        self.sched_cfg = ScheduleConfig(self.lr, args.epochs, self.steps_per_epoch, sched=args.sched,
-                                        warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
-                                        min_lr=args.min_lr, decay_epochs=args.decay_epochs,
-                                        decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs,
-                                        on_updates=args.sched_on_updates, peak_epoch=args.lr_peak_epoch)
-        self.schedule = LRSchedule(self.optimizer, self.sched_cfg)
-        self.ema = None
-        if args.model_ema:
-            from timm.utils import ModelEmaV3
-            # float32 EMA even when Apex O2 made the model float16 (a 2e-4 step vanishes in fp16)
-            self.ema = ModelEmaV3(self.model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
-                                  dtype=torch.float32 if self.precision.mode == "apex" else None)
-        self.start_epoch, self.start_step, self.start_progress, best, resume_at = 0, 0, None, None, None
-        self.resume_path = self._resume_path()
-        if self.resume_path:
-            # The schedule is not restored: the LR is a pure function of (step, schedule), and
-            # this run's flags and world size decide it, so a resume on another number of
-            # devices keeps the right curve.
-            state = resume(self.resume_path, self.model, self.optimizer, self.precision, self.dev,
-                           restore_rng=d.main, model_name=args.model, ema=self.ema)
-            best = state["best_metric"]
-            self.start_epoch, self.start_step, self.start_progress = self._resume_position(state["position"])
-            pos = state["position"]
-            resume_at = (self.start_epoch, pos.get("global_step", self.start_epoch * self.steps_per_epoch))
-        self.run_dir = args.run_dir if d.main else None  # rank 0 writes; see engine/rundir.py
-        extra = {"num_classes": data.num_classes, "classes": list(data.classes)}
-        self.saver = CheckpointSaver(self.run_dir, self.dev, best, hist=args.checkpoint_hist,
-                                     extra=extra) if self.run_dir else None
-        if self.saver and self.saver.removed:
-            d.say(f"checkpoint: removed {self.saver.removed} temporary file(s) of interrupted checkpoint writes")
-        self.control = None  # made by fit()
-        self.plain = self.model  # for eval and checkpoints: no DDP, no compile
-        if d.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            ids = [self.dev.index] if self.dev.is_accelerator else None
-            self.model = DDP(self.model, device_ids=ids, gradient_as_bucket_view=True,
-                             broadcast_buffers=args.ddp_broadcast_buffers)
-        self.resolution = ResolutionSchedule.from_args(args)
-        if args.torchcompile:  # static shapes: one graph per training size (model.factory.compile_model)
-            self.model = compile_model(self.model, args.torchcompile, args.compile_mode,
-                                       sizes=len(self.resolution.sizes(args.epochs)))
-        if mixup_active(args):  # as timm: smoothing is inside the mixed targets
-            from timm.loss import SoftTargetCrossEntropy
-            self.criterion = SoftTargetCrossEntropy()
-        else:
-            self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
-        self.clip_params = None
-        if args.clip_grad is not None:
-            from timm.models import model_parameters
-            params = model_parameters(self.plain, exclude_head=args.clip_mode == "agc")  # timm's head rule
-            self.clip_params = self.precision.master_params(self.optimizer, self.plain) \
-                if self.precision.mode == "apex" else list(params)
-        self.metrics = Metrics(self.run_dir, d.main, append=bool(self.resume_path), resume_at=resume_at)
-        self._record_config()
-        self.monitor = Monitor(self.run_dir, d.main, plain_config(args), tensorboard=args.tensorboard,
-                               wandb=args.log_wandb, project=args.wandb_project, resume=bool(self.resume_path))
+    """The loops of a run over parts that `engine.builder.build` made: `fit()` (train, validate,
+    checkpoint every epoch), `train_epoch()`, `validate()`, `save()` and `benchmark()`."""
+
+    def __init__(self, parts: Parts, d: Dist | None = None, data: Data | None = None):
+        if d is not None:  # the older call Trainer(parse_args(argv), dist, make_data(...)) of tools
+            parts = build_parts(parts, d, data)
+        self.parts = parts
+        self.config, self.d, self.data = parts.config, parts.dist, parts.data
+        self.dev, self.steps_per_epoch = self.d.device, len(self.data.train)
+        self.model, self.plain, self.optimizer = parts.model, parts.plain, parts.optimizer
+        self.precision, self.schedule, self.ema = parts.precision, parts.schedule, parts.ema
+        self.criterion, self.clip_params, self.resolution = parts.criterion, parts.clip_params, parts.resolution
+        self.saver, self.metrics, self.monitor = parts.saver, parts.metrics, parts.monitor
+        self.start = parts.start
         self.totals = {"images": 0, "seconds": 0.0, "wait": 0.0, "loss": []}  # for the run summary
         self.history = []  # (epoch, kind, result) of every complete validation of this run
-        d.say(f"model {args.model} ({sum(p.numel() for p in self.plain.parameters()):,} params), "
-              f"{'channels-last' if args.channels_last else 'NCHW'}, "
-              f"{'compiled (' + args.torchcompile + ')' if args.torchcompile else 'eager'}"
-              f"{', pretrained' if args.pretrained or args.pretrained_path else ''}"
-              f"{', BlurPool' if args.blurpool else ''}"
-              f"{', EMA %g' % args.model_ema_decay if self.ema else ''}")
-        d.say(f"optimizer: {opt_desc}; LR {self.lr:g} for global batch {global_batch}, "
-              f"{args.sched} schedule stepped per {'update' if args.sched_on_updates else 'epoch'}")
-        d.say(f"precision: {self.precision.describe()}")
-        r = self.resolution
-        if r.progressive:
-            d.say(f"progressive resizing: {r.min_res} px to epoch {r.start_ramp}, {r.max_res} px from epoch "
-                  f"{r.end_ramp} (sizes {', '.join(map(str, r.sizes(args.epochs)))})")
+        self.control = None  # installed by fit()
 
-    # ------------------------------------------------------------------ resume
-    def _resume_path(self) -> str | None:
-        return self.args.resume  # --auto-resume was resolved with the run folder (engine/rundir.py)
+    @property
+    def sched_cfg(self):
+        return self.schedule.cfg
 
-    def _workers(self) -> int:
-        return getattr(self.data.train, "num_workers", 0)
+    @property
+    def start_epoch(self) -> int:
+        return self.start.epoch
 
-    def _resume_position(self, pos: dict):
-        """(epoch, step, this rank's loader progress) to start at; a checkpoint from another data
-        set is refused (unless --allow-other-data), and a mid-epoch one whose plan this run cannot
-        reproduce (world size, workers, batch size) continues at the next epoch boundary."""
-        d, path, epoch, step = self.d, self.resume_path, pos["epoch"], pos["step"]
-        theirs, ours = pos.get("data"), self.data.identity
-        if isinstance(theirs, dict) and ours:
-            differ = [k for k in ("name", "fingerprint", "train_samples")
-                      if theirs.get(k) is not None and ours.get(k) is not None and theirs[k] != ours[k]]
-            if differ:
-                what = ", ".join(f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in differ)
-                if not self.args.allow_other_data:
-                    raise CheckpointError(f"checkpoint {path} was trained on other data ({what}); "
-                                          "pass --allow-other-data to continue on this data set")
-                if step:
-                    d.say(f"resume: other data ({what}): continuing at the start of epoch {epoch + 1}")
-                    return epoch + 1, 0, None
-        if step == 0:
-            return epoch, 0, None
-        plan = {"world": d.world, "workers": self._workers(), "batch_size": self.args.batch_size,
-                "steps_per_epoch": self.steps_per_epoch}
-        changed = {k: (pos.get(k), v) for k, v in plan.items() if pos.get(k) != v}
-        if step > self.steps_per_epoch and not changed:
-            raise CheckpointError(f"checkpoint {path}: step {step} is past the {self.steps_per_epoch} "
-                                  "steps of an epoch")
-        progress = pos.get("progress")
-        if not changed and step < self.steps_per_epoch:
-            if not (isinstance(progress, list) and len(progress) == d.world and progress[d.rank] is not None
-                    and hasattr(self.data.train, "progress")):
-                changed = {"loader progress": ("none recorded", "needed")}
-            elif not _progress_rows(progress[d.rank], max(1, self._workers())):
-                raise CheckpointError(f"checkpoint {path}: 'position' holds no usable loader progress "
-                                      f"for rank {d.rank}")
-        if changed:
-            what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-            d.say(f"resume: {path} was written at step {step} of epoch {epoch} with another plan ({what}); "
-                  f"continuing at the start of epoch {epoch + 1}")
-            return epoch + 1, 0, None
-        return epoch, step, progress[d.rank] if step < self.steps_per_epoch else None
+    @property
+    def resume_path(self) -> str | None:
+        return self.start.path
 
-    def _record_config(self) -> None:
-        """config.json and timm's args.yaml (loadable with -c) in the run folder, and a config row."""
-        config = plain_config(self.args)
-        if self.run_dir:
-            import yaml
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-                json.dump(config, f, indent=2)
-            with open(os.path.join(self.run_dir, "args.yaml"), "w") as f:
-                yaml.safe_dump({k: v for k, v in config.items() if k not in NOT_FLAGS}, f, sort_keys=False)
-        self.metrics.write(kind="config", time=time.time(), **config)  # the start, for time_to_accuracy
+    @property
+    def run_dir(self) -> str | None:
+        return self.parts.run_dir
 
     # ------------------------------------------------------------------ one step
     def step(self, images, labels, global_step: int) -> torch.Tensor:
@@ -206,7 +72,7 @@ class Trainer:
         if self.clip_params is not None:
             from timm.utils import dispatch_clip_grad
             self.precision.unscale_(self.optimizer)
-            dispatch_clip_grad(self.clip_params, self.args.clip_grad, mode=self.args.clip_mode)
+            dispatch_clip_grad(self.clip_params, self.config.clip_grad, mode=self.config.clip_mode)
         self.precision.step(self.optimizer)
         if self.ema is not None:
             self.ema.update(self.plain, step=global_step + 1)  # timm: step = updates done
@@ -216,7 +82,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train from the start position to the end (or --stop-after epochs); returns a short
         summary. Raises Preempted after a stop signal, once the checkpoint is written."""
-        args, d = self.args, self.d
+        args, d = self.config, self.d
         epochs = total_epochs(self.sched_cfg)
         if self.start_epoch >= epochs:
             d.say(f"train_stream: {self.resume_path} has already finished all {epochs} epochs; nothing to do")
@@ -224,21 +90,21 @@ class Trainer:
                     "finished_before": True}
         stop = epochs if args.stop_after is None else min(epochs, self.start_epoch + args.stop_after)
         result, fit_start = None, time.perf_counter()
-        self.control = Control(d, parse_interval(args.checkpoint_interval))
+        self.control = self.parts.control
         self.control.install()
         try:
             for epoch in range(self.start_epoch, stop):
-                start = self.start_step if epoch == self.start_epoch else 0
+                start = self.start.step if epoch == self.start_epoch else 0
                 done = self.train_epoch(epoch, epochs, start=start)
                 fewest, most = (d.all_reduce([done], op)[0] for op in (dist.ReduceOp.MIN, dist.ReduceOp.MAX))
-                distribute_bn(self.plain, d, self.dist_bn)
+                distribute_bn(self.plain, d, self.parts.dist_bn)
                 # timm's --val-interval: validate and checkpoint every N epochs and at the end (here:
                 # also the last epoch of a --stop-after run, so that it can be resumed)
                 validated = (epoch + 1) % args.val_interval == 0 or epoch + 1 == stop
                 if validated:
                     result = self.validate(epoch)
                     if self.ema is not None:
-                        distribute_bn(self.ema.module, d, self.dist_bn)
+                        distribute_bn(self.ema.module, d, self.parts.dist_bn)
                         result = self.validate(epoch, self.ema.module, kind="val_ema") or result  # ranks best, as timm
                 stats = self.data_stats()
                 self.metrics.write(kind="epoch", epoch=epoch, steps_min=int(fewest), steps_max=int(most), **stats)
@@ -258,7 +124,7 @@ class Trainer:
 
     def _count(self, steps: int, seconds: float, wait: float, loss: float) -> None:
         t = self.totals
-        t["images"] += steps * self.args.batch_size * self.d.world
+        t["images"] += steps * self.config.batch_size * self.d.world
         t["seconds"] += seconds
         t["wait"] += wait
         t["loss"].append(loss)
@@ -272,7 +138,7 @@ class Trainer:
                "data_wait": round(t["wait"] / t["seconds"], 4) if t["seconds"] else None,
                "best_epoch": best[0] if best else None, "best_top1": best[2]["top1"] if best else None,
                "best_top5": best[2]["top5"] if best else None, "best_is_ema": bool(best and best[1] == "val_ema"),
-               "run_dir": self.args.run_dir}
+               "run_dir": self.config.run_dir}
         self.metrics.write(kind="summary", **out)
         d = self.d
         d.say(f"done: {out['epochs_done']} epochs in {seconds / 60:.1f} min, "
@@ -280,8 +146,8 @@ class Trainer:
         if best:
             d.say(f"best: top-1 {best[2]['top1']:.2f}%  top-5 {best[2]['top5']:.2f}% at epoch {best[0]}"
                   f"{' (EMA weights)' if out['best_is_ema'] else ''}")
-        if self.args.run_dir:
-            run = self.args.run_dir
+        if self.config.run_dir:
+            run = self.config.run_dir
             files = [f for f in ("best.pth", "last.pth", "metrics.jsonl", "summary.csv", "tensorboard")
                      if os.path.exists(os.path.join(run, f))]
             d.say(f"files: {run}/ ({', '.join(files)})")
@@ -308,7 +174,7 @@ class Trainer:
         if self.saver:
             position = self._position(epoch, step, everyone)
             self.saver.save(epoch - 1, self.plain, self.optimizer, self.precision, self.schedule,
-                            vars(self.args), metric=None, position=position,
+                            plain_config(self.config), metric=None, position=position,
                             ema=self.ema.module if self.ema is not None else None)
             self.d.say(f"checkpoint: {self.saver.last_path} (epoch {epoch} step {step}/{self.steps_per_epoch})")
         self.control.barrier()
@@ -316,8 +182,9 @@ class Trainer:
 
     def _position(self, epoch: int, step: int, progress) -> dict:
         return {"epoch": epoch, "step": step, "global_step": epoch * self.steps_per_epoch + step,
-                "steps_per_epoch": self.steps_per_epoch, "world": self.d.world, "workers": self._workers(),
-                "batch_size": self.args.batch_size, "progress": progress, "data": self.data.identity}
+                "steps_per_epoch": self.steps_per_epoch, "world": self.d.world,
+                "workers": getattr(self.data.train, "num_workers", 0),
+                "batch_size": self.config.batch_size, "progress": progress, "data": self.data.identity}
 
     def set_img_size(self, loader, epoch: int) -> None:
         """Progressive resizing: the epoch's training size, a function of the epoch only (FFCV's
@@ -328,12 +195,12 @@ class Trainer:
     def train_epoch(self, epoch: int, epochs: int, start: int = 0) -> int:
         """One epoch of exactly steps_per_epoch steps, from step `start` (a resumed epoch); returns
         the steps done, counting those before `start`."""
-        args, d, steps = self.args, self.d, self.steps_per_epoch
+        args, d, steps = self.config, self.d, self.steps_per_epoch
         if start >= steps:
             return steps  # trained, not yet validated when the checkpoint was written
         loader = self.data.train
         if start:
-            loader.set_epoch(epoch, self.start_progress)
+            loader.set_epoch(epoch, self.start.progress)
         else:
             loader.set_epoch(epoch)
         self.set_img_size(loader, epoch)
@@ -399,7 +266,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         # this rank's share
-        sums = evaluate(model, self.data.val_feed(self.data.val), self.precision, self.args.val_tta)
+        sums = evaluate(model, self.data.val_feed(self.data.val), self.precision, self.config.val_tta)
         model.train(was_training)
         totals = dict(zip(("n", "loss", "top1", "top5"),
                           self.d.all_reduce([sums[k] for k in ("n", "loss", "top1", "top5")])))
@@ -443,7 +310,7 @@ class Trainer:
             return
         metric = result["top1"] if result and result.get("complete", True) else None
         best = self.saver.save(epoch, self.plain, self.optimizer, self.precision, self.schedule,
-                               vars(self.args), metric=metric, position=self._position(epoch + 1, 0, None),
+                               plain_config(self.config), metric=metric, position=self._position(epoch + 1, 0, None),
                                ema=self.ema.module if self.ema is not None else None)
         self.d.say(f"checkpoint: {self.saver.last_path}{' (new best)' if best else ''}")
         if self.control:
@@ -453,7 +320,7 @@ class Trainer:
     def benchmark(self) -> dict:
         """--performance: warm-up steps untimed, then --perf-steps steps timed between two device
         synchronisations; returns the JSON-ready result."""
-        args, d, loader = self.args, self.d, self.data.train
+        args, d, loader = self.config, self.d, self.data.train
 
         def batches():
             epoch = 0
@@ -498,25 +365,3 @@ class Trainer:
             "torch": torch.__version__, "num_classes": self.data.num_classes, "workers": self.data.workers,
             "settings": compute_settings(self.dev, self.precision, args.channels_last),
         }
-
-
-NOT_FLAGS = ("notes", "run_dir")  # set by parse_args, not by the user
-
-
-def plain_config(args) -> dict:
-    """The run's flags as plain values (YAML/JSON-safe)."""
-    out = {}
-    for k, v in vars(args).items():
-        if isinstance(v, (list, tuple)):
-            v = [x if isinstance(x, (int, float, str, bool, type(None))) else str(x) for x in v]
-        elif not isinstance(v, (int, float, str, bool, type(None))):
-            v = str(v)
-        out[k] = v
-    return out
-
-
-def seed_everything(seed: int) -> None:
-    """Python, numpy and torch (all devices), as timm's random_seed(seed, rank) with seed + rank."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

@@ -50,6 +50,3 @@ def apply_blurpool(model: nn.Module) -> list[str]:
     visit(model, "")
     return wrapped
 
-
-def has_blurpool(state_dict) -> bool:
-    return any(k.endswith("blur_filter") for k in state_dict)

@@ -322,7 +322,7 @@ def _misfit(model: nn.Module, state, path: str, ckpt: dict, model_name: str | No
     if shapes:
         parts.append(f"shapes differ: {first(shapes)}")
     if any(k.endswith("blur_filter") for k in missing + unexpected):
-        parts.append("the checkpoint and the model differ in --blurpool")
+        parts.append("the checkpoint and the model differ in BlurPool layers")
     return f"checkpoint {path} does not fit this model: " + ("; ".join(parts) or "its tensors do not load")
 
 

@@ -118,13 +118,13 @@ def resolve_device(name: str = "auto", index: int = 0) -> Device:
         name = "cuda" if torch.cuda.is_available() else "npu" if _npu_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError("--device cuda was requested but CUDA is not available on this machine")
+            raise DeviceError("device 'cuda' was requested but CUDA is not available on this machine")
         if index >= torch.cuda.device_count():
             raise DeviceError(f"device index {index} does not exist (this node has "
                               f"{torch.cuda.device_count()} CUDA devices)")
     elif name == "npu":
         if not _npu_available():
-            raise DeviceError("--device npu was requested but torch_npu is not installed or "
+            raise DeviceError("device 'npu' was requested but torch_npu is not installed or "
                               "no Ascend NPU is visible")
     elif name != "cpu":
         raise DeviceError(f"unknown device {name!r}: choose auto, cuda, npu or cpu")

@@ -54,9 +54,6 @@ def create_model(name: str = DEFAULT_MODEL, num_classes: int = 1000, zero_init_l
     """
     name = canonical_name(name)
     write_cache()  # timm is imported anyway: let later runs check --model without importing it
-    for path, what in ((pretrained_path, "--pretrained-path"), (checkpoint_path, "--initial-checkpoint")):
-        if path and not os.path.isfile(path):
-            raise CheckpointError(f"{what} {path} does not exist")
     build = dict(pretrained=bool(pretrained or pretrained_path), num_classes=num_classes, **kwargs)
     if pretrained_path:
         build["pretrained_cfg_overlay"] = dict(file=os.path.abspath(pretrained_path))
@@ -84,8 +81,8 @@ def create_model(name: str = DEFAULT_MODEL, num_classes: int = 1000, zero_init_l
         try:
             timm.models.load_checkpoint(model, checkpoint_path, strict=True)
         except Exception as e:  # torch.load's and load_state_dict's many error types
-            hint = "; the checkpoint and the model differ in --blurpool" if "blur_filter" in str(e) else ""
-            raise CheckpointError(f"--initial-checkpoint {checkpoint_path} does not fit {name} with "
+            hint = "; the checkpoint and the model differ in BlurPool layers" if "blur_filter" in str(e) else ""
+            raise CheckpointError(f"the initial checkpoint {checkpoint_path} does not fit {name} with "
                                   f"{num_classes} classes: {_first_line(e)}{hint}") from None
     dev = _to_torch_device(device)
     if dev is not None or channels_last:
@@ -95,9 +92,9 @@ def create_model(name: str = DEFAULT_MODEL, num_classes: int = 1000, zero_init_l
 
 def _weights_error(name: str, path: str | None, e: Exception) -> ConfigError:
     if path:
-        return ConfigError(f"cannot load --pretrained-path {path} into {name}: {_first_line(e)}")
+        return ConfigError(f"cannot load the pretrained weights file {path} into {name}: {_first_line(e)}")
     return ConfigError(f"cannot obtain pretrained weights for {name} (no network or hub cache?): "
-                       f"{type(e).__name__}; pass a local file with --pretrained-path FILE")
+                       f"{type(e).__name__}; pass the path of a local weights file")
 
 
 def compile_model(model: nn.Module, backend: str = "inductor", mode: str | None = None, sizes: int = 1) -> nn.Module:

@@ -95,11 +95,11 @@ def create_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_
 
     if apex and device.type != "npu":
         if device.type != "cuda":
-            raise OptimizerError("Apex FusedSGD (--apex-amp) needs a CUDA device")
+            raise OptimizerError("Apex FusedSGD (Apex AMP) needs a CUDA device")
         try:
             from apex.optimizers import FusedSGD
         except ImportError:
-            raise OptimizerError("--apex-amp needs NVIDIA Apex (built from github.com/NVIDIA/apex; "
+            raise OptimizerError("Apex AMP needs NVIDIA Apex (built from github.com/NVIDIA/apex; "
                                  "PyPI's 'apex' is an unrelated package)") from None
         return FusedSGD(groups, **sgd), f"apex.optimizers.FusedSGD, float LR, {tail}"
 

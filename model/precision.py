@@ -30,8 +30,8 @@ def _import_apex_amp():
     try:
         from apex import amp
     except ImportError:
-        raise PrecisionError("--apex-amp needs NVIDIA Apex (built from github.com/NVIDIA/apex; "
-                             "PyPI's 'apex' is an unrelated package); use --amp for native AMP") from None
+        raise PrecisionError("Apex AMP needs NVIDIA Apex (built from github.com/NVIDIA/apex; "
+                             "PyPI's 'apex' is an unrelated package); use native AMP") from None
     return amp
 
 
@@ -43,7 +43,7 @@ def _grad_scaler(device: Device):
         if legacy is not None:
             return legacy()
         raise PrecisionError(f"float16 AMP needs a GradScaler, which this torch lacks on {device.type} "
-                             f"({e}); use --amp-dtype bfloat16 or turn AMP off") from None
+                             f"({e}); use bfloat16 autocast or turn AMP off") from None
 
 
 class Precision:
@@ -53,9 +53,9 @@ class Precision:
         self._amp = None  # apex.amp when Apex drives precision
         if apex:
             if not device.is_accelerator:
-                raise PrecisionError("--apex-amp needs a CUDA or NPU device")
+                raise PrecisionError("Apex AMP needs a CUDA or NPU device")
             if dtype == "bfloat16":
-                raise PrecisionError("--apex-amp (O2) runs in float16; drop --amp-dtype bfloat16")
+                raise PrecisionError("Apex AMP (O2) runs in float16, not bfloat16")
             self._amp = _import_apex_amp()
             self.mode, self.dtype = "apex", torch.float16
         elif not enabled:
@@ -66,7 +66,7 @@ class Precision:
             if dtype == "bfloat16" and not device.supports_bf16():
                 if device.type != "cpu":
                     raise PrecisionError(f"this {device.type} device does not support bfloat16; "
-                                         f"use --amp-dtype float16")
+                                         f"use float16 autocast")
                 # torch's CPU autocast runs bf16 anywhere, only slower without AVX512-BF16/AMX
                 log.warning("this CPU has no fast bfloat16 (AVX512-BF16/AMX): bfloat16 autocast "
                             "runs, but slower than float32")

@@ -32,3 +32,8 @@ DEFAULT_COOLDOWN_EPOCHS = 0  # train_full_{1p,8p}.sh --cooldown-epochs 0 (train.
 # rn50 configs do not set it); the triangle starts at 1e-4 x lr (l.112).
 DEFAULT_LR_PEAK_EPOCH = 2
 LINEAR_STEP_START = 1e-4
+
+
+def peak_epoch_ok(sched: str, peak_epoch: int, epochs: int) -> bool:
+    """linear-step's triangle needs its peak inside the run: 0 <= peak_epoch < epochs."""
+    return sched != "linear-step" or 0 <= peak_epoch < epochs

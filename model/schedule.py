@@ -108,7 +108,7 @@ class ScheduleConfig:
             raise ConfigError(f"the LR schedule needs epochs >= 1 and steps_per_epoch >= 1 "
                              f"(got {self.epochs} and {self.steps_per_epoch})")
         if self.sched == "linear-step" and not 0 <= self.peak_epoch < self.epochs:
-            raise ConfigError(f"--lr-peak-epoch must be in [0, --epochs) for linear-step "
+            raise ConfigError(f"linear-step's lr-peak-epoch must be in [0, epochs) "
                              f"(got {self.peak_epoch} with {self.epochs} epochs)")
 
 
@@ -120,7 +120,7 @@ def scale_lr(lr_base: float, global_batch: int, base_size: int = DEFAULT_BASE_SI
     if scale == "sqrt":
         ratio = ratio ** 0.5
     elif scale != "linear":
-        raise ConfigError(f"unknown --lr-base-scale {scale!r}: choose linear or sqrt")
+        raise ConfigError(f"unknown lr-base-scale {scale!r}: choose linear or sqrt")
     return lr_base * ratio
 
 

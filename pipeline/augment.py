@@ -98,7 +98,7 @@ class WorkerColorJitter:
     drawn from the sample's own generator, so resume stays exact. torchvision's v2 uint8 ops:
     for the same draws, the batched `ColorJitter` (which matches v1 bit for bit) gives the same
     pixels but for ~0.01% of values, by a few levels (v2 does not truncate the grayscale behind
-    the contrast mean and the saturation blend); v1's ops would match exactly at 1.7x the cost."""
+    the contrast mean and the saturation blend); v1's ops would match exactly but cost more."""
 
     def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4):
         self.ranges = ColorJitter(brightness, contrast, saturation).ranges
@@ -110,7 +110,7 @@ class WorkerColorJitter:
 
     @staticmethod
     def apply(out: torch.Tensor, order, factors) -> None:
-        from torchvision.transforms.v2 import functional as F  # 1.7x faster here than v1's
+        from torchvision.transforms.v2 import functional as F  # cheaper than v1's (see the class docstring)
         ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
         img = out.permute(2, 0, 1)
         for k in order:
@@ -228,50 +228,125 @@ class RandomErasing:
         return x
 
 
-class DeviceAugment:
-    """The train feed's device-side augmentation: jitter, normalise, mixup, erasing.
+class DeviceOp:
+    """One device augmentation in `DeviceAugment`'s list. `stage` says where it runs: "uint8"
+    (on the copied uint8 NHWC batch, before normalisation: `images -> images`) or "float" (after
+    it: `(images, labels) -> (images, labels)`). Each call draws only from the batch's
+    `BatchRandom`, so a batch's augmentation stays a pure function of its place in the run. A new
+    op: subclass, set `stage`, write `__call__` (and `describe`), append an instance to the list."""
+    stage = "float"
+    inner = None  # the augmentation object it runs (ColorJitter, Mixup, RandomErasing...)
 
-    `set_epoch(epoch)` before each epoch (it also applies --mixup-off-epoch); then each call
-    handles the next batch of that epoch, numbered from `start` (0 unless resuming mid-epoch).
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class JitterOp(DeviceOp):
+    stage = "uint8"
+
+    def __init__(self, jitter: ColorJitter):
+        self.inner = jitter
+
+    def __call__(self, images, r: BatchRandom):
+        return self.inner(images, r.torch)
+
+    def describe(self) -> str:
+        return "colour jitter " + "/".join(f"{lo:g}-{hi:g}" for lo, hi in self.inner.ranges)
+
+
+class MixupOp(DeviceOp):
+    """Mixup/cutmix, off from epoch `off_epoch` (0: never), as timm's --mixup-off-epoch."""
+
+    def __init__(self, mixup: Mixup, off_epoch: int = 0):
+        self.inner, self.off_epoch = mixup, off_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.enabled = not (self.off_epoch and epoch >= self.off_epoch)
+
+    def __call__(self, images, labels, r: BatchRandom):
+        return self.inner(images, labels, r.np)
+
+    def describe(self) -> str:
+        m = self.inner
+        off = f", off from epoch {self.off_epoch}" if self.off_epoch else ""
+        return f"mixup {m.mixup_alpha:g} / cutmix {m.cutmix_alpha:g} (p {m.prob:g}, switch {m.switch_prob:g}{off})"
+
+
+class ErasingOp(DeviceOp):
+    def __init__(self, erasing: RandomErasing):
+        self.inner = erasing
+
+    def __call__(self, images, labels, r: BatchRandom):
+        return self.inner(images, r.py, r.torch), labels
+
+    def describe(self) -> str:
+        return f"random erasing p {self.inner.probability:g} {self.inner.mode}"
+
+
+class DeviceAugment:
+    """The train feed's device-side augmentation: an ordered list of `DeviceOp`s around the
+    normalisation (the uint8 ops, normalise, then the float ops, each in list order).
+
+    `DeviceAugment(device, ops=[JitterOp(ColorJitter()), MixupOp(Mixup(...)), ErasingOp(...)])`;
+    the keywords jitter/mixup/erasing/mixup_off_epoch build that list in timm's order.
+    `set_epoch(epoch)` before each epoch (it also reaches every op: --mixup-off-epoch); then each
+    call handles the next batch of that epoch, numbered from `start` (0 unless resuming mid-epoch).
     """
 
     def __init__(self, device, seed: int = 0, rank: int = 0, jitter: ColorJitter | None = None,
-                 mixup: Mixup | None = None, erasing: RandomErasing | None = None, mixup_off_epoch: int = 0):
-        self.jitter, self.mixup, self.erasing = jitter, mixup, erasing
-        self.seed, self.rank, self.mixup_off_epoch = seed, rank, mixup_off_epoch
+                 mixup: Mixup | None = None, erasing: RandomErasing | None = None, mixup_off_epoch: int = 0,
+                 ops: list[DeviceOp] | None = None):
+        self.ops = list(ops or [])
+        self.ops += [op for op in (JitterOp(jitter) if jitter is not None else None,
+                                   MixupOp(mixup, mixup_off_epoch) if mixup is not None else None,
+                                   ErasingOp(erasing) if erasing is not None else None) if op is not None]
+        self.seed, self.rank = seed, rank
         self.generator = device_generator(torch.device(device))
         self.epoch, self.index = 0, 0
 
+    def _inner(self, kind: type):
+        return next((op.inner for op in self.ops if isinstance(op, kind)), None)
+
+    @property
+    def jitter(self) -> ColorJitter | None:
+        return self._inner(JitterOp)
+
+    @property
+    def mixup(self) -> Mixup | None:
+        return self._inner(MixupOp)
+
+    @property
+    def erasing(self) -> RandomErasing | None:
+        return self._inner(ErasingOp)
+
     def describe(self) -> str:
-        parts = []
-        if self.jitter is not None:
-            parts.append("colour jitter " + "/".join(f"{lo:g}-{hi:g}" for lo, hi in self.jitter.ranges))
-        if self.mixup is not None:
-            m = self.mixup
-            off = f", off from epoch {self.mixup_off_epoch}" if self.mixup_off_epoch else ""
-            parts.append(f"mixup {m.mixup_alpha:g} / cutmix {m.cutmix_alpha:g} (p {m.prob:g}, switch "
-                         f"{m.switch_prob:g}{off})")
-        if self.erasing is not None:
-            parts.append(f"random erasing p {self.erasing.probability:g} {self.erasing.mode}")
-        return ", ".join(parts)
+        return ", ".join(op.describe() for op in self.ops)
 
     @property
     def active(self) -> bool:
-        return any(a is not None for a in (self.jitter, self.mixup, self.erasing))
+        return bool(self.ops)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.index = epoch, start
-        if self.mixup is not None:
-            self.mixup.enabled = not (self.mixup_off_epoch and epoch >= self.mixup_off_epoch)
+        for op in self.ops:
+            op.set_epoch(epoch)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, normalize):
         """uint8 NHWC images + int labels -> normalised float images + labels (soft with mixup)."""
         r = BatchRandom(self.seed, self.rank, self.epoch, self.index, self.generator)
         self.index += 1
-        jitter = None if self.jitter is None else (lambda x: self.jitter(x, r.torch))
-        x = normalize(images, adjust=jitter)
-        if self.mixup is not None:
-            x, labels = self.mixup(x, labels, r.np)
-        if self.erasing is not None:
-            x = self.erasing(x, r.py, r.torch)
+        before = [op for op in self.ops if op.stage == "uint8"]
+        adjust = None
+        if before:
+            def adjust(x):
+                for op in before:
+                    x = op(x, r)
+                return x
+        x = normalize(images, adjust=adjust)
+        for op in self.ops:
+            if op.stage == "float":
+                x, labels = op(x, labels, r)
         return x, labels

@@ -58,7 +58,7 @@ def dali_missing() -> str | None:
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
-        return f"--loader dali needs NVIDIA DALI, which is not installed: {INSTALL}"
+        return f"the DALI loader needs NVIDIA DALI, which is not installed: {INSTALL}"
     return None
 
 
@@ -92,7 +92,7 @@ class ShardIndex:
         self.shard_errors = 0
         for s, url in enumerate(self.urls):
             if is_remote(url):
-                raise ConfigError(f"--loader dali reads samples by their offsets and needs local shards, not {url}")
+                raise ConfigError(f"the DALI loader reads samples by their offsets and needs local shards, not {url}")
             self._scan(s, url)
 
     def _scan(self, s: int, url: str) -> None:
@@ -301,6 +301,8 @@ class DaliLoader:
 
     One pipeline serves consecutive epochs (DALI's epoch_idx counts them); a jump (resume,
     set_epoch out of order) or an abandoned epoch rebuilds it at the epoch asked for.
+    `decode`: 'gpu' is DALI's mixed decoder (nvJPEG, needs `device_id`), 'cpu' its CPU decoder
+    (engine.config refuses any other choice before a run starts).
     """
 
     def __init__(self, split, *, train: bool, batch_size: int, img_size: int = 224, seed: int = 0,
@@ -311,10 +313,8 @@ class DaliLoader:
         missing = dali_missing()
         if missing:
             raise ConfigError(missing)
-        if decode not in ("cpu", "gpu"):
-            raise ConfigError(f"--loader dali decodes with 'cpu' or 'gpu' (DALI's mixed decoder), not {decode!r}")
         if decode == "gpu" and device_id is None:
-            raise ConfigError("--loader dali --decode gpu needs a CUDA device (DALI's mixed decoder)")
+            raise ConfigError("DALI's mixed decoder (decode 'gpu') needs a CUDA device id")
         check_local_shards(split)
         self.index = index or ShardIndex(split.urls, split.lengths)
         if num_classes:  # a label the model has no output for is a bad sample, as in our loader
@@ -322,13 +322,14 @@ class DaliLoader:
         self.train, self.batch_size, self.img_size = train, batch_size, img_size
         self.interpolation = interpolation or ("bilinear" if train else "bicubic")
         if self.interpolation not in INTERPOLATIONS + (("random",) if train else ()):
-            raise ConfigError(f"--loader dali: unknown interpolation {self.interpolation!r}")
+            raise ConfigError(f"the DALI loader: unknown interpolation {self.interpolation!r}")
         self.source_args = dict(train=train, batch_size=batch_size, seed=seed, world_size=world_size, rank=rank,
                                 img_size=img_size, crop_pct=crop_pct, interpolation=self.interpolation)
         self.device_id = device_id if decode == "gpu" else None
         self.num_threads = max(1, num_threads)
-        # The Python workers read and check the JPEGs (~0.2 ms per sample); DALI's threads decode
-        # and resize (several ms per sample on a CPU): a quarter of the cores reads enough.
+        # The Python workers only read and check the JPEGs; DALI's threads decode and resize, the
+        # far larger share: a quarter of the cores reads enough (threads = -j, readers = -j / 4 and
+        # the variants tried: BENCHMARKS.md, section "DALI's CPU pipeline against ours").
         self.py_workers = py_workers if py_workers is not None else max(1, self.num_threads // 4)
         self.pin_memory = pin_memory
         self.epoch, self.bad = 0, set()

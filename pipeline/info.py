@@ -129,7 +129,7 @@ def _read_info_text(root: str, remote=None) -> str:
                 errors.append(f"{name}: {e}")
         raise DataError(f"could not read _info.json from {root} ({'; '.join(errors)})")
     if not os.path.isdir(root):
-        raise DataError(f"--data_path {root!r} does not exist or is not a folder")
+        raise DataError(f"the shard root {root!r} does not exist or is not a folder")
     for name in INFO_NAMES:
         path = os.path.join(root, name)
         if os.path.isfile(path):

@@ -119,8 +119,8 @@ def check_shared_memory(loaders, processes: int = 1) -> None:
     per = f" x {processes} processes" if processes > 1 else ""
     raise SharedMemoryError(
         f"{SHM_PATH} has {_mb(free)} free but the batches in flight of {workers} loader workers{per} need "
-        f"{_mb(need)}: give it more (docker run --shm-size={-(-need // 2 ** 30) + 1}g, or mount a larger "
-        f"tmpfs), or lower --workers, -b or --prefetch-factor")
+        f"{_mb(need)}: give it more (docker's shm-size setting {-(-need // 2 ** 30) + 1}g, or mount a larger "
+        f"tmpfs), or use fewer loader workers, smaller batches or fewer batches in flight")
 
 
 class StreamLoader:
@@ -209,8 +209,7 @@ class StreamLoader:
             reason = worker_failure(e)
             if reason is None:
                 raise
-            raise DataLoadingError(f"{reason}; rerun the same command with --auto-resume to continue "
-                                   "from the last checkpoint") from None
+            raise DataLoadingError(f"{reason}; resume from the last checkpoint to continue") from None
         finally:
             self.shared.release(slot)
 
@@ -231,7 +230,8 @@ def create_loader(split, *, train: bool, batch_size: int, img_size: int = 224,
     """A loader of uint8 NHWC batches (or, with decoder='gpu', of JPEG bytes + crop boxes).
 
     `augment(out, rng)` (train only) changes each HWC uint8 crop in the worker, e.g. a
-    pipeline.randaugment.RandAugment. Reduced-size decoding is on for training and off for
+    pipeline.randaugment.RandAugment; with decoder='gpu' the workers decode nothing, so there is
+    no crop to change (engine.config refuses the combination). Reduced-size decoding is on for training and off for
     evaluation by default: on a large image it moves the eval tensor away from timm's
     (tests/test_transforms.py). `num_classes`: labels outside [0, num_classes) are skipped and
     counted. `remote`: timeouts and retries for http/pipe shards. `timeout`: seconds without a
@@ -243,8 +243,6 @@ def create_loader(split, *, train: bool, batch_size: int, img_size: int = 224,
     """
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
-    if decoder == "gpu" and augment is not None:
-        raise ValueError("worker augmentation runs on decoded pixels: it does not combine with decoder='gpu'")
     cpu_decoder = "pil" if decoder == "pil" else "tv"
     reduce = train if reduced_decode is None else reduced_decode
     if train:

@@ -100,15 +100,15 @@ class RandAugment:
         mean in levels, pipeline.autoaugment.fill_color)."""
         from timm.data.auto_augment import rand_augment_transform
         if not config.startswith("rand"):
-            raise ValueError(f"--aa {config!r}: only RandAugment ('rand-m9-mstd0.5' and its variants) "
+            raise ValueError(f"augmentation policy {config!r}: only RandAugment ('rand-m9-mstd0.5' and its variants) "
                              f"runs on uint8 tensors here")
         try:
             ra = rand_augment_transform(config, {"translate_pct": 0.45})
         except (AssertionError, ValueError) as e:
-            raise ValueError(f"--aa {config!r} is not a RandAugment policy timm can parse ({e})") from None
+            raise ValueError(f"{config!r} is not a RandAugment policy timm can parse ({e})") from None
         unknown = sorted({op.name for op in ra.ops} - set(OPS))
         if unknown:
-            raise ValueError(f"--aa {config!r}: ops {', '.join(unknown)} have no uint8 version here")
+            raise ValueError(f"augmentation policy {config!r}: ops {', '.join(unknown)} have no uint8 version here")
         self.config, self.num_layers, self.fill = config, ra.num_layers, tuple(int(v) for v in fill)
         self.weights = None if ra.choice_weights is None else list(ra.choice_weights)
         self.ops = [(op.name, op.prob, op.magnitude, op.magnitude_std, op.magnitude_max or LEVEL_DENOM)

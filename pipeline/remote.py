@@ -78,7 +78,7 @@ class Budget:
         self.got += nbytes
         if self.min_rate and self.waited >= self.timeout + self.got / self.min_rate:
             raise RemoteError(f"too slow: {self.got:,} bytes in {self.waited:.0f} s of waiting, below the minimum "
-                              f"rate of {self.min_rate / 1024:g} KiB/s (--io-min-rate)")
+                              f"rate of {self.min_rate / 1024:g} KiB/s set for remote reads")
 
 
 def open_remote(url: str, remote: RemoteOptions | float, counters=None):

@@ -158,8 +158,9 @@ def empty(shape, dtype, shared: bool) -> torch.Tensor:
         except OSError:
             pass
         need = math.prod(shape) * base.element_size()
-        raise SharedMemoryError(f"/dev/shm is full: no room for a {need:,}-byte batch: give it more room (docker "
-                                "run --shm-size), or lower --workers, -b or --prefetch-factor") from None
+        raise SharedMemoryError(f"/dev/shm is full: no room for a {need:,}-byte batch: give it more room (docker's "
+                                "shm-size setting), or use fewer loader workers, smaller batches or fewer batches "
+                                "in flight") from None
     return base.new(storage).view(shape)
 
 
@@ -243,7 +244,7 @@ def read_pieces(urls, pieces, warn, counters: Counters, remote: RemoteOptions | 
                 if not delays:
                     raise DataLoadingError(
                         f"shard {url}: {e} (tried {remote.retries + 1} times); the data source is "
-                        "unreachable: fix it, then rerun the same command with --auto-resume") from None
+                        "unreachable: fix it, then resume from the last checkpoint") from None
                 wait = delays.pop(0)
                 warn(f"shard {url}: {e}; retrying in {wait:g} s")
                 time.sleep(wait)
@@ -290,7 +291,7 @@ def image_and_label(sample, num_classes: int | None = None):
     or a sample that was too large to read."""
     if "__oversize__" in sample:
         raise DecodeError(f"sample {sample['__key__']!r} not read: its {sample['__oversize__']} "
-                          "(--max-sample-bytes)")
+                          "(over the per-sample byte limit)")
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None or "cls" not in sample:
         raise DecodeError(f"sample {sample['__key__']!r} lacks an image or a .cls member")

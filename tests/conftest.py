@@ -48,6 +48,14 @@ SMALL = ["--model", "resnet10t", "--img-size", "32", "-b", "8", "-j", "1", "--lo
          "--warmup-epochs", "1", "--lr", "0.05", "--shuffle-buffer", "16"]
 
 
+def make_trainer(argv):
+    """A Trainer built from train_stream's flags on this process, as train_stream builds it."""
+    from engine.builder import build
+    from engine.config import parse_args
+    from engine.trainer import Trainer
+    return Trainer(build(parse_args(argv)))
+
+
 def torchrun_cmd(args, nproc=2):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
             str(nproc), os.path.join(ROOT, "train_stream.py"), *args]

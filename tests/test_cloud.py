@@ -120,7 +120,7 @@ def test_a_cache_smaller_than_the_data_set_loads_everything_and_stays_under_its_
     sizes = sorted(os.path.getsize(u) for u in load_info(str(demo_shards)).split("validation").urls)
     limit = sizes[-1] + sizes[-2]  # two shards at most: fewer than the split has
     cache = ShardCache(str(tmp_path / "cache"), limit)
-    remote = RemoteOptions(timeout=5.0, retries=0, cache_dir=cache.root, cache_limit=limit)
+    remote = RemoteOptions(timeout=30.0, retries=1, cache_dir=cache.root, cache_limit=limit)
     peak, stop = [0], threading.Event()
 
     def watch():
@@ -141,7 +141,7 @@ def test_a_cache_smaller_than_the_data_set_loads_everything_and_stays_under_its_
 
 
 def test_a_shard_larger_than_the_cache_is_read_uncached(demo_shards, proxy, tmp_path):
-    remote = RemoteOptions(timeout=5.0, retries=0, cache_dir=str(tmp_path / "c"), cache_limit=1000)
+    remote = RemoteOptions(timeout=30.0, retries=1, cache_dir=str(tmp_path / "c"), cache_limit=1000)
     got, stats = labels(URL, remote=remote)
     assert got == labels(str(demo_shards))[0] and stats["cache_hits"] == 0
     assert os.listdir(tmp_path / "c" / "shards") == [] and os.listdir(tmp_path / "c" / "tmp") == []
@@ -339,10 +339,8 @@ def test_sizes_parse_and_the_cache_needs_a_limit(tmp_path):
     with pytest.raises(ValueError):
         parse_size("lots")
     from engine.config import parse_args
-    from engine.data import remote_options
-    args = parse_args(["--cache-dir", str(tmp_path / "c"), "--output", str(tmp_path)])
-    with pytest.raises(ConfigError, match="--cache-dir needs --cache-limit"):
-        remote_options(args, None)
+    with pytest.raises(ConfigError, match="--cache-dir needs --cache-limit"):  # with the other flag checks
+        parse_args(["--cache-dir", str(tmp_path / "c"), "--output", str(tmp_path)])
     r = subprocess.run([sys.executable, "train_stream.py", "--cache-limit", "lots"], capture_output=True,
                        text=True, cwd=ROOT, env=child_env())
     assert r.returncode == 2 and "--cache-limit" in r.stderr and "Traceback" not in r.stderr

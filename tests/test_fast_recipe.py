@@ -7,14 +7,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import read_metrics, run_folder
+from conftest import make_trainer, read_metrics, run_folder
 
 import train_stream
 from common.errors import ConfigError
 from engine.config import parse_args
 from engine.data import make_data
 from engine.dist import setup_distributed
-from engine.trainer import Trainer
 from model.blurpool import BlurPoolConv2d, apply_blurpool
 from model.schedule import ScheduleConfig, lr_at, scale_lr, total_epochs, total_steps
 from pipeline.resolution import ResolutionSchedule
@@ -22,12 +21,6 @@ from pipeline.resolution import ResolutionSchedule
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--model", "resnet10t", "--img-size", "32", "-b", "8", "-j", "1", "--log-interval", "1",
          "--warmup-epochs", "1", "--lr", "0.05", "--shuffle-buffer", "16", "--device", "cpu"]
-
-
-def make_trainer(argv):
-    args = parse_args(argv)
-    d = setup_distributed(args.device, args.device_id, args.local_rank)
-    return Trainer(args, d, make_data(args, d))
 
 
 # ---------------------------------------------------------------- FFCV's formulas, copied

@@ -106,7 +106,7 @@ def test_the_loader_skips_counts_and_names_an_oversize_sample(demo_shards, tmp_p
             n = sum(len(labels) for _, labels in loader)
             assert n == split.num_samples - 1
     assert loader.stats()["skipped"] == 2  # counted each epoch...
-    lines = [r.getMessage() for r in caplog.records if "max-sample-bytes" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "per-sample byte limit" in r.getMessage()]
     assert len(lines) == 1 and "3,145,730 bytes" in lines[0]  # ...named once
 
 
@@ -244,7 +244,7 @@ def test_a_loader_checks_dev_shm_before_its_workers_start(demo_shards, monkeypat
     assert need == 2 * (4 + 2) * B * (SIZE * SIZE * 3 + 8)  # workers x (prefetch + 2) batches
     monkeypatch.setattr(loader_module, "shm_free", lambda path=None: need - 1)
     loader.set_epoch(0)
-    with pytest.raises(SharedMemoryError, match="--workers, -b or --prefetch-factor"):
+    with pytest.raises(SharedMemoryError, match="fewer loader workers, smaller batches"):
         next(iter(loader))
     monkeypatch.setattr(loader_module, "shm_free", lambda path=None: need)
     assert len(next(iter(loader))[1]) == B

@@ -6,13 +6,12 @@ import os
 
 import pytest
 import torch
-from conftest import read_metrics
+from conftest import make_trainer, read_metrics
 
 import train_stream
 from engine.config import parse_args
 from engine.data import make_data
 from engine.dist import Dist, setup_distributed
-from engine.trainer import Trainer
 from model.recipe import canonical_name
 from model.schedule import ScheduleConfig, lr_at, scale_lr
 
@@ -51,12 +50,6 @@ def test_reference_configs_spell_out_the_ports_runs(name, world, lr):
         assert getattr(args, key) == value, key
     assert scale_lr(args.lr_base, world * args.batch_size, args.lr_base_size) == pytest.approx(args.lr)
     assert parse_args(["-c", path, "--no-apex-amp"]).apex_amp is False  # for machines without Apex
-
-
-def make_trainer(argv):
-    args = parse_args(argv)
-    d = setup_distributed(args.device, args.device_id, args.local_rank)
-    return Trainer(args, d, make_data(args, d))
 
 
 def synthetic_batches(trainer, n):

@@ -118,7 +118,7 @@ def test_tensorboard_events_of_a_real_run(first_run):
 
 def test_args_yaml_round_trips_and_a_timm_config_loads(tmp_path, capsys):
     args = parse_args(["--epochs", "7", "--mixup", "0.2", "-b", "64", *run_folder(tmp_path / "a"), "--no-val"])
-    from engine.trainer import NOT_FLAGS, plain_config
+    from engine.resolved import NOT_FLAGS, plain_config
     (tmp_path / "args.yaml").write_text(yaml.safe_dump({k: v for k, v in plain_config(args).items()
                                                         if k not in NOT_FLAGS}))
     again = parse_args(["-c", str(tmp_path / "args.yaml"), "--experiment", "b"])
