@@ -51,7 +51,12 @@ def test_library_warnings_reach_the_user_in_flag_words(caplog):
     import logging
 
     from engine.cli import install_log_wording
+    log = logging.getLogger("pipeline")
+    before = list(log.filters)
     install_log_wording()
-    with caplog.at_level(logging.WARNING, logger="pipeline"):
-        logging.getLogger("pipeline").warning("skipped sample %r: too big (over the per-sample byte limit)", "k1")
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline"):
+            log.warning("skipped sample %r: too big (over the per-sample byte limit)", "k1")
+    finally:
+        log.filters[:] = before  # other tests read the library's own words
     assert caplog.records[-1].getMessage() == "skipped sample 'k1': too big (over --max-sample-bytes)"

@@ -40,7 +40,6 @@ import os
 import statistics
 import sys
 from itertools import islice
-from types import SimpleNamespace
 
 if __package__ in (None, ""):  # run as a script: the repository's packages are importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,7 +49,8 @@ import torch  # noqa: E402
 from common.compare import mismatch  # noqa: E402
 from common.errors import DataError, UserError  # noqa: E402
 from common.host import usable_cores  # noqa: E402
-from engine.config import jitter_place  # noqa: E402
+from engine.config import Config  # noqa: E402
+from engine.resolved import jitter_place  # noqa: E402
 from engine.runtime import resolve_workers  # noqa: E402
 from pipeline.augment import WorkerColorJitter  # noqa: E402
 from pipeline.info import check_local_shards, load_info  # noqa: E402
@@ -89,9 +89,8 @@ def sample_bytes(split, n: int):
 
 
 def jitter_in_workers(args, plain: bool = False) -> bool:
-    """train_stream.py's own rule (engine.config.jitter_place) for our CPU-decoding loader."""
-    run = SimpleNamespace(color_jitter=args.color_jitter, aa=None, jitter_in=args.jitter_in, loader="ours",
-                          decode="cpu", synthetic=False)
+    """train_stream.py's own rule (engine.resolved.jitter_place) for our CPU-decoding loader."""
+    run = Config.create(color_jitter=args.color_jitter, jitter_in=args.jitter_in, loader="ours", decode="cpu")
     return not plain and jitter_place(run, "cpu") == "workers"
 
 
