@@ -3,7 +3,9 @@ interrupted epoch finished by another plan (world size, workers, batch size) wit
 remaining sample read exactly once. Loader level here; the trainer and torchrun below."""
 import base64
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -251,3 +253,106 @@ def test_a_2_1_2_resume_sequence_sees_every_sample_of_the_interrupted_epoch_once
     assert len(starts) == 3
     last_run = [r["step"] for r in rows[starts[-1]:] if r["kind"] == "train"]
     assert last_run == list(range(two - steps + 1, 2 * two + 1))  # the global step counts the samples seen
+
+
+def descendants(pid):
+    """Every process below `pid` (torchrun puts its workers in sessions of their own)."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def alive(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agent_cmd(args, port, host: bool):
+    """A torchrun agent of an elastic 1-to-2-node job on this machine (the first hosts the store)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc_per_node=1",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=elastic-test",
+            f"--rdzv-conf=is_host={int(host)},last_call_timeout=20", "--max-restarts=2", "--monitor-interval=1",
+            os.path.join(ROOT, "train_stream.py"), *args]
+
+
+@pytest.mark.slow
+def test_a_lost_node_leaves_the_other_to_finish_the_epoch_alone(demo_shards, tmp_path):
+    """Two torchrun agents as two nodes (c10d rendezvous, --nnodes=1:2); after a mid-epoch
+    checkpoint, kill -9 of every process of the second node: the first restarts alone, resumes
+    on 1 process from the checkpoint and finishes, each sample of the epoch seen once."""
+    lengths = load_info(str(demo_shards)).split("train").lengths
+    two, one = sum(lengths) // (2 * BATCH), sum(lengths) // BATCH
+    out = tmp_path / "run"
+    args = ["--data_path", str(demo_shards), *SMALL, "-b", str(BATCH), "--epochs", "1", *run_folder(out),
+            "--auto-resume", "--checkpoint-interval", "2"]
+    port = free_port()
+    traces = [tmp_path / "trace-first", tmp_path / "trace-second"]
+    agents = [start(agent_cmd(args, port, k == 0), dict(child_env(), STREAM_TRACE_IDS=str(traces[k])))
+              for k in range(2)]
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # a checkpoint of both nodes, mid-epoch
+            pos = last_position(out) if os.path.exists(out / "last.pth") else {}
+            if pos.get("world") == 2 and 2 <= pos["step"] <= two - 4:
+                break
+            if time.monotonic() > deadline or any(a.poll() is not None for a in agents) or pos.get("step", 0) > two - 4:
+                pytest.fail(f"no early mid-epoch checkpoint of 2 nodes: {pos}; "
+                            f"{[a.poll() for a in agents]}")
+            time.sleep(0.05)
+        survivor = descendants(agents[0].pid)
+        for p in [agents[1].pid, *descendants(agents[1].pid)]:
+            try:
+                os.killpg(p, signal.SIGKILL)
+            except OSError:
+                pass
+        # the checkpoint the survivor resumes from: rank 0 may have been writing one at the loss
+        while any(map(alive, survivor)):
+            if time.monotonic() > deadline:
+                pytest.fail("the surviving node's process never noticed the loss")
+            time.sleep(0.05)
+        shutil.copy(out / "last.pth", tmp_path / "at-loss.pth")
+        at_loss = torch.load(tmp_path / "at-loss.pth", weights_only=True)["position"]
+        rc, stdout, err = finish(agents[0], timeout=400)
+    finally:
+        for a in agents:
+            for p in [a.pid, *descendants(a.pid)]:
+                try:
+                    os.killpg(p, signal.SIGKILL)
+                except OSError:
+                    pass
+    assert rc == 0, err[-4000:]
+    seen = consumed_of(at_loss)
+    planned = two * 2 * BATCH
+    remain = planned - len(seen)
+    assert (f"resume: elastic: world 2 -> 1, steps_per_epoch {two} -> {one}, {remain} of {planned} samples of "
+            f"epoch 0 remain, continuing at step {one - remain // BATCH}") in stdout, \
+        ([line for line in stdout.splitlines() if "resume" in line], at_loss)
+    with open(traces[0]) as f:
+        alone = [list(map(int, line.split()[4:])) for line in f if line.split()[1] == "1"]
+    rest = [i for ids in alone for i in ids]
+    assert len(rest) == len(set(rest)) == remain // BATCH * BATCH and not set(rest) & seen
+    epoch_ids = set(planned_ids(lengths, seed=at_loss["elastic"]["seed"], epoch=0, world_size=2,
+                                batch_size=BATCH).tolist())
+    assert len(epoch_ids - seen - set(rest)) < BATCH and (seen | set(rest)) <= epoch_ids
+    assert last_position(out)["world"] == 1 and torch.load(out / "last.pth", weights_only=True)["epoch"] == 0
