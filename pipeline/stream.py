@@ -15,6 +15,11 @@ before it. Every batch tells which worker made it and how far that worker's shuf
 got (`Batch.worker`, `taken`, `padded`); a checkpoint records that, and a resumed worker replays
 its reads and its shuffle buffer without decoding up to that point, then continues with the
 identical remaining samples.
+
+Elastic resume: a training batch also carries its samples' ids (`Batch.ids`, id = the shard's
+offset in `_info.json` + the index in the shard), so a checkpoint can record what was consumed;
+a resume on another plan reads only the rest of the epoch (`ShardStream.remainder`,
+pipeline/elastic.py).
 """
 from __future__ import annotations
 
