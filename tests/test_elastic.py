@@ -15,6 +15,8 @@ import pytest
 import torch
 from conftest import ROOT, SMALL, child_env, read_metrics, run_folder, torchrun_cmd
 
+from common.errors import CheckpointError
+from engine.resume import elastic_record, start_position
 from pipeline.elastic import pack, planned_ids, remainder_steps, remaining_ids, shard_offsets, unpack
 from pipeline.info import load_info
 from pipeline.loader import StreamLoader
@@ -356,3 +358,73 @@ def test_a_lost_node_leaves_the_other_to_finish_the_epoch_alone(demo_shards, tmp
                                 batch_size=BATCH).tolist())
     assert len(epoch_ids - seen - set(rest)) < BATCH and (seen | set(rest)) <= epoch_ids
     assert last_position(out)["world"] == 1 and torch.load(out / "last.pth", weights_only=True)["epoch"] == 0
+
+
+# ---------------------------------------------------------------- the resume decision (engine/resume.py)
+class FakeLoader:
+    def __init__(self, lengths, world, batch, workers=1, elastic=True):
+        self.num_workers, self.steps = workers, sum(lengths) // (world * batch)
+        self.dataset = type("DS", (), {"lengths": lengths})()
+        self.progress = lambda n: None
+        if elastic:
+            self.consumed_bitmap = lambda n: None
+
+    def __len__(self):
+        return self.steps
+
+
+class FakeDist:
+    def __init__(self, world, rank=0):
+        self.world, self.rank, self.said = world, rank, []
+
+    def say(self, msg):
+        self.said.append(msg)
+
+
+LENGTHS = [13] * 9 + [9]  # the demo split: 126 samples
+
+
+def mid_position(consumed, step, world=2, batch=4, remainder=False):
+    total = sum(LENGTHS)
+    return {"epoch": 1, "step": step, "global_step": 15 + step, "steps_per_epoch": total // (world * batch),
+            "world": world, "workers": 1, "batch_size": batch, "progress": [[[step, step * batch, 0]]] * world,
+            "elastic": elastic_record([pack(consumed, total)], total=total, seed=SEED, remainder=remainder,
+                                      planned=total // (world * batch) * world * batch)}
+
+
+def test_a_resume_on_another_world_size_continues_the_epoch_at_the_samples_seen():
+    planned = planned_ids(LENGTHS, seed=SEED, epoch=1, world_size=2, batch_size=4)
+    pos = mid_position(planned[:40], 5)
+    data = type("Data", (), {"train": FakeLoader(LENGTHS, 1, 4), "identity": None})()
+    d = FakeDist(1)
+    epoch, step, progress, el = start_position(pos, "ck.pth", data, d, 4, False)
+    assert (epoch, step, progress) == (1, 31 - 80 // 4, None)
+    assert el["remainder"].tolist() == planned[40:].tolist() and el["planned"] == 120 and el["seed"] == SEED
+    assert np.flatnonzero(unpack(el["consumed"], 126)).tolist() == sorted(planned[:40].tolist())
+    assert d.said == ["resume: elastic: world 2 -> 1, steps_per_epoch 15 -> 31, 80 of 120 samples of epoch 1 "
+                      "remain, continuing at step 11"]
+    # the same plan: exact, carrying the record; a remainder epoch's checkpoint: by ids even on the same plan
+    same = type("Data", (), {"train": FakeLoader(LENGTHS, 2, 4), "identity": None})()
+    epoch, step, progress, el = start_position(pos, "ck.pth", same, FakeDist(2), 4, False)
+    assert (epoch, step, progress, el["remainder"]) == (1, 5, [[5, 20, 0]], None)
+    epoch, step, progress, el = start_position(mid_position(planned[:40], 5, remainder=True), "ck.pth", same,
+                                               FakeDist(2), 4, False)
+    assert (epoch, step, progress) == (1, 15 - 80 // 8, None) and el["remainder"].size == 80
+
+
+def test_a_resume_that_cannot_finish_the_epoch_says_why_and_a_damaged_record_is_refused():
+    planned = planned_ids(LENGTHS, seed=SEED, epoch=1, world_size=2, batch_size=4)
+    pos = mid_position(planned[:40], 5)
+    dali = type("Data", (), {"train": FakeLoader(LENGTHS, 1, 4, elastic=False), "identity": None})()
+    d = FakeDist(1)
+    assert start_position(pos, "ck.pth", dali, d, 4, False) == (2, 0, None, None)
+    assert d.said[0].endswith("continuing at the start of epoch 2 (this loader cannot read a chosen subset of "
+                              "an epoch)")
+    data = type("Data", (), {"train": FakeLoader(LENGTHS, 1, 4), "identity": None})()
+    old = {k: v for k, v in pos.items() if k != "elastic"}
+    d = FakeDist(1)
+    assert start_position(old, "ck.pth", data, d, 4, False) == (2, 0, None, None)
+    assert "records no consumed samples" in d.said[0]
+    for bad in ({"consumed": "not base64!"}, {"samples": 7}, {"consumed": base64.b64encode(b"ab").decode()}):
+        with pytest.raises(CheckpointError, match="ck.pth"):
+            start_position(dict(pos, elastic=dict(pos["elastic"], **bad)), "ck.pth", data, FakeDist(1), 4, False)
