@@ -46,6 +46,7 @@ class Start:
     progress: list | None = None
     path: str | None = None
     best: float | None = None
+    elastic: dict | None = None  # engine.resume.start_position: what the resumed epoch consumed / has left
 
 
 @dataclass
@@ -136,8 +137,9 @@ def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
         # the right curve.
         state = resume(run.resume, model, optimizer, precision, dev, restore_rng=d.main, model_name=m.model, ema=ema)
         pos = state["position"]
-        epoch, step, progress = start_position(pos, run.resume, data, d, o.batch_size, cfg.run.allow_other_data)
-        start = Start(epoch, step, progress, run.resume, state["best_metric"])
+        epoch, step, progress, elastic = start_position(pos, run.resume, data, d, o.batch_size,
+                                                        cfg.run.allow_other_data)
+        start = Start(epoch, step, progress, run.resume, state["best_metric"], elastic)
         resume_at = (epoch, pos.get("global_step", epoch * steps_per_epoch))
     run_dir = run.run_dir if d.main else None
     saver = CheckpointSaver(run_dir, dev, start.best, hist=cfg.outputs.checkpoint_hist,

@@ -23,6 +23,7 @@ from .data import Data
 from .dist import Dist, distribute_bn
 from .inference import as_percent, evaluate
 from .resolved import plain_config
+from .resume import elastic_record
 from .runtime import compute_settings
 
 
@@ -171,8 +172,12 @@ class Trainer:
         progress = getattr(self.data.train, "progress", None)
         mine = progress(consumed) if progress else None
         everyone = self.control.gather(mine)
+        bitmap = getattr(self.data.train, "consumed_bitmap", None)
+        elastic = self._elastic(epoch, self.control.gather(bitmap(consumed) if bitmap else None))
         if self.saver:
             position = self._position(epoch, step, everyone)
+            if elastic:
+                position["elastic"] = elastic
             self.saver.save(epoch - 1, self.plain, self.optimizer, self.precision, self.schedule,
                             plain_config(self.config), metric=None, position=position,
                             ema=self.ema.module if self.ema is not None else None)
@@ -185,6 +190,18 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch, "world": self.d.world,
                 "workers": getattr(self.data.train, "num_workers", 0),
                 "batch_size": self.config.batch_size, "progress": progress, "data": self.data.identity}
+
+    def _elastic(self, epoch: int, bitmaps) -> dict | None:
+        """The position's record of the samples every rank consumed in `epoch` (engine/resume.py):
+        with the epoch's plan, which a remainder epoch (an elastic resume) carries over."""
+        ds, el = getattr(self.data.train, "dataset", None), self.start.elastic
+        if ds is None:
+            return None
+        if el and epoch == self.start_epoch and el["remainder"] is not None:
+            planned, seed, remainder = el["planned"], el["seed"], True
+        else:
+            planned, seed, remainder = self.steps_per_epoch * self.d.world * self.config.batch_size, ds.seed, False
+        return elastic_record(bitmaps, total=int(ds.offsets[-1]), planned=planned, seed=seed, remainder=remainder)
 
     def set_img_size(self, loader, epoch: int) -> None:
         """Progressive resizing: the epoch's training size, a function of the epoch only (FFCV's
@@ -199,7 +216,10 @@ class Trainer:
         if start >= steps:
             return steps  # trained, not yet validated when the checkpoint was written
         loader = self.data.train
-        if start:
+        el = self.start.elastic if epoch == self.start_epoch else None
+        if el:  # a resumed epoch: what it consumed before, and on another plan what it has left
+            loader.set_epoch(epoch, self.start.progress, remainder=el["remainder"], consumed=el["consumed"])
+        elif start:
             loader.set_epoch(epoch, self.start.progress)
         else:
             loader.set_epoch(epoch)

@@ -24,10 +24,12 @@ import signal
 import threading
 from typing import Iterator, Protocol, runtime_checkable
 
+import numpy as np
 from torch.utils.data import DataLoader
 
 from common.errors import DataLoadingError, SharedMemoryError
 
+from .elastic import pack, remainder_steps, union
 from .info import is_remote
 from .plan import round_robin
 from .remote import RemoteOptions
@@ -127,7 +129,13 @@ class StreamLoader:
     """A BatchLoader of (images, labels) from a ShardStream, in DataLoader worker processes.
 
     Besides the contract: `set_epoch(epoch, start)` resumes an epoch mid-way from a `progress()`
-    taken by an earlier run with the same plan (world size, workers, batch size).
+    taken by an earlier run with the same plan (world size, workers, batch size);
+    `set_epoch(epoch, remainder=ids)` reads only those sample ids in that epoch, in their order,
+    cut into equal whole batches over the ranks and workers (an elastic resume with another plan,
+    pipeline/elastic.py). `consumed_bitmap(n)`: the samples of the epoch consumed so far.
+
+    STREAM_TRACE_IDS=path (tests): every training batch handed to the consumer appends a line
+    "epoch world rank pid id id ..." to that file.
     """
 
     def __init__(self, dataset: ShardStream, *, num_workers: int, pin_memory: bool,
@@ -143,6 +151,10 @@ class StreamLoader:
         self.prefetch_factor = prefetch_factor
         self._start = self._zeros()
         self._trace = []
+        self._batches = len(dataset)  # what the current epoch yields in all, on this rank
+        self._carried = np.zeros(0, np.uint8)  # consumed before this run (a resume); None: unknown
+        self._epoch = 0
+        self._trace_path = os.environ.get("STREAM_TRACE_IDS") or None
 
     def shared_memory_need(self) -> int:
         """Bytes of shared memory the workers' batches may hold at once: per worker, the
@@ -157,8 +169,17 @@ class StreamLoader:
     def _zeros(self):
         return [[0, 0, 0] for _ in range(max(1, self.num_workers))]
 
-    def set_epoch(self, epoch: int, start=None) -> None:
-        """Next epoch to iterate; `start`: this rank's `progress()` to resume from, or None."""
+    def set_epoch(self, epoch: int, start=None, remainder=None, consumed=None) -> None:
+        """Next epoch to iterate; `start`: this rank's `progress()` to resume from, or None;
+        `remainder`: the sample ids this epoch still has to read (an elastic resume), or None;
+        `consumed`: the packed bitmap of the samples a resumed run had consumed in this epoch
+        (carried into `consumed_bitmap`)."""
+        ds = self.dataset
+        started = self.num_workers > 0 and getattr(self.loader, "_iterator", None) is not None
+        if remainder is not None or (ds.remainder is not None and ds.remainder[0] == epoch):
+            if started:  # persistent workers hold their own copy of the dataset
+                raise ValueError("an epoch's remainder must be set before the loader's workers start")
+            ds.remainder = None if remainder is None else (epoch, np.asarray(remainder, dtype=np.int64))
         rotate = 0
         if start is not None and self.num_workers > 1:
             totals = [self.dataset.plan(epoch, w).num_batches for w in range(self.num_workers)]
@@ -166,6 +187,13 @@ class StreamLoader:
         self.shared.epoch.value = epoch
         self.shared.set_start(start, rotate)
         self._start = [list(map(int, row)) for row in start] if start is not None else self._zeros()
+        self._batches = len(self) if remainder is None else \
+            remainder_steps(len(remainder), ds.world_size, ds.batch_size)
+        self._epoch = epoch
+        if consumed is not None:
+            self._carried = np.asarray(consumed, dtype=np.uint8).reshape(-1)
+        else:  # a resumed position with no record of what came before it: unknown
+            self._carried = None if start is not None else np.zeros(0, np.uint8)
 
     def set_img_size(self, size: int) -> None:
         """The image size of the next epoch's batches (progressive resizing); the pooled buffers
@@ -180,15 +208,29 @@ class StreamLoader:
 
     def remaining(self) -> int:
         """Batches the next iteration yields: len() less what a resumed epoch already consumed."""
-        return len(self) - sum(row[0] for row in self._start)
+        return self._batches - sum(row[0] for row in self._start)
 
     def progress(self, consumed: int) -> list[list[int]]:
         """Per worker [batches, samples taken, samples padded] once the consumer has used the
         first `consumed` batches of the current iteration: the resume point of a checkpoint."""
         out = [list(row) for row in self._start]
-        for worker, taken, padded in self._trace[:consumed]:
+        for worker, taken, padded, _ in self._trace[:consumed]:
             out[worker] = [out[worker][0] + 1, taken, padded]
         return out
+
+    def consumed_ids(self, consumed: int) -> np.ndarray:
+        """The sample ids of the first `consumed` batches of the current iteration (pads repeat ids)."""
+        ids = [row[3] for row in self._trace[:consumed] if row[3] is not None]
+        return np.concatenate(ids) if ids else np.zeros(0, np.int64)
+
+    def consumed_bitmap(self, consumed: int) -> np.ndarray | None:
+        """Packed bitmap (pipeline.elastic.pack) of the epoch's samples consumed once the consumer
+        has used `consumed` batches, with those of the run this one resumed; None when a resumed
+        position carried no bitmap (unknown)."""
+        if self._carried is None:
+            return None
+        mine = pack(self.consumed_ids(consumed), int(self.dataset.offsets[-1]))
+        return union([mine, self._carried]) if self._carried.size else mine
 
     def __iter__(self):
         """(images, labels) batches; a pooled buffer goes back to its worker when the consumer
@@ -201,8 +243,10 @@ class StreamLoader:
                 self.shared.release(slot)
                 slot = -1
                 if isinstance(batch, Batch):
-                    images, labels, slot, worker, taken, padded = batch
-                    self._trace.append((worker, taken, padded))
+                    images, labels, slot, worker, taken, padded, ids = batch
+                    self._trace.append((worker, taken, padded, ids))
+                    if self._trace_path and ids is not None:
+                        self._write_trace(ids)
                     batch = images if labels is None else (images, labels)
                 yield batch
         except RuntimeError as e:
@@ -212,6 +256,12 @@ class StreamLoader:
             raise DataLoadingError(f"{reason}; resume from the last checkpoint to continue") from None
         finally:
             self.shared.release(slot)
+
+    def _write_trace(self, ids) -> None:
+        ds = self.dataset
+        line = f"{self._epoch} {ds.world_size} {ds.rank} {os.getpid()} {' '.join(map(str, ids.tolist()))}\n"
+        with open(self._trace_path, "a") as f:
+            f.write(line)
 
     def stats(self) -> dict:
         return self.shared.totals()

@@ -15,6 +15,11 @@ before it. Every batch tells which worker made it and how far that worker's shuf
 got (`Batch.worker`, `taken`, `padded`); a checkpoint records that, and a resumed worker replays
 its reads and its shuffle buffer without decoding up to that point, then continues with the
 identical remaining samples.
+
+Elastic resume: a training batch also carries its samples' ids (`Batch.ids`, id = the shard's
+offset in `_info.json` + the index in the shard), so a checkpoint can record what was consumed;
+a resume on another plan reads only the rest of the epoch (`ShardStream.remainder`,
+pipeline/elastic.py).
 """
 from __future__ import annotations
 
@@ -29,11 +34,13 @@ import re
 import time
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from common.errors import DataLoadingError, SharedMemoryError
 
+from .elastic import remainder_plan, sample_id, shard_offsets
 from .info import is_remote
 from .plan import eval_batches, eval_plan, train_plan, train_steps
 from .remote import RemoteError, RemoteOptions
@@ -69,6 +76,7 @@ class Batch(NamedTuple):
     worker: int = 0
     taken: int = 0  # samples taken from the worker's shuffled stream this epoch (skipped ones too)
     padded: int = 0  # pads drawn this epoch after the stream ran dry (undecodable ones too)
+    ids: object = None  # training: the sample ids of the batch (numpy int64; pipeline.elastic.sample_id)
 
 
 # Per worker, what a resumed epoch skips: [batches consumed, samples taken, pads drawn].
@@ -358,6 +366,10 @@ class ShardStream(IterableDataset):
         self.max_sample_bytes, self.shuffle_bytes = max_sample_bytes, shuffle_bytes
         self.named = set()  # (shard, index) of the oversize samples this worker has warned about
         self.memory = None  # made in the worker, kept across epochs with persistent workers
+        self.offsets = shard_offsets(self.lengths)
+        # (epoch, remaining ids): that epoch reads only these (an elastic resume); set before the
+        # workers start, so persistent workers keep it in their copy, and key it by the epoch
+        self.remainder = None
         # the largest image size of the run (progressive resizing), for the buffer pool
         self.largest = largest or getattr(getattr(builder, "transform", None), "size", 0)
 
@@ -370,6 +382,8 @@ class ShardStream(IterableDataset):
     def plan(self, epoch: int, worker: int):
         common = dict(world_size=self.world_size, rank=self.rank, num_workers=self.num_workers,
                       worker=worker, batch_size=self.batch_size)
+        if self.train and self.remainder is not None and self.remainder[0] == epoch:
+            return remainder_plan(self.lengths, self.remainder[1], **common)
         if self.train:
             return train_plan(self.lengths, seed=self.seed, epoch=epoch, **common)
         return eval_plan(self.lengths, **common)
@@ -406,7 +420,7 @@ class ShardStream(IterableDataset):
         resumed run pads the same way. `start` = (batches, taken, padded) already consumed by the run this one
         resumes: those samples are read again (the shuffle buffer needs them) but not decoded.
         """
-        b, i, pool, failed = self.builder, 0, [], set()
+        b, i, pool, failed, ids = self.builder, 0, [], set(), []
         done, taken, padded = min(start[0] * self.batch_size, quota), start[1], start[2]
         for _ in range(taken):
             sample = next(samples, None)
@@ -444,21 +458,24 @@ class ShardStream(IterableDataset):
                 continue
             if pad is not None:
                 counters.add(Stat.PADDED)
+            if self.train:
+                ids.append(sample_id(self.offsets, sample["__index__"]))
             i, done = i + 1, done + 1
             counters.add(Stat.SAMPLES)
             if i == self.batch_size or done == quota:
-                yield self._tag(b.finish(i), worker, taken, padded)
-                i = 0
+                yield self._tag(b.finish(i), worker, taken, padded, ids)
+                i, ids = 0, []
                 if done < quota:
                     b.new(self.memory)
         if i:
-            yield self._tag(b.finish(i), worker, taken, padded)
+            yield self._tag(b.finish(i), worker, taken, padded, ids)
         if self.train and done < quota:
             raise DataLoadingError(f"rank {self.rank}: a loader worker could not read a single sample "
                                    f"of its {len(self.urls)}-shard split: see the warnings above")
 
     @staticmethod
-    def _tag(batch, worker: int, taken: int, padded: int) -> Batch:
+    def _tag(batch, worker: int, taken: int, padded: int, ids) -> Batch:
+        ids = np.asarray(ids, dtype=np.int64) if ids else None  # pickled with the batch: no shared memory
         if isinstance(batch, Batch):
-            return batch._replace(worker=worker, taken=taken, padded=padded)
-        return Batch(batch, None, -1, worker, taken, padded)
+            return batch._replace(worker=worker, taken=taken, padded=padded, ids=ids)
+        return Batch(batch, None, -1, worker, taken, padded, ids)

@@ -198,16 +198,34 @@ def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(chain, 
 
 
 @pytest.mark.slow
-def test_mid_epoch_checkpoint_on_another_world_size_resumes_at_the_next_epoch(chain, demo_shards, tmp_path, capsys):
+def test_mid_epoch_checkpoint_on_another_world_size_finishes_the_epoch(chain, demo_shards, tmp_path, capsys):
     _, mid, _ = chain
     pos = torch.load(mid, weights_only=True)["position"]
     assert pos["world"] == 2 and 0 < pos["step"] < pos["steps_per_epoch"] and pos["epoch"] == 0
     code, out, err = run_main(["--data_path", str(demo_shards), *SMALL, "--epochs", "2", "--resume", str(mid),
-                               *run_folder(tmp_path)], capsys)
+                               *run_folder(tmp_path / "new")], capsys)
     assert code == 0, err
     notice = [line for line in out.splitlines() if line.startswith("resume:")]
-    assert len(notice) == 1 and "world 2 -> 1" in notice[0] and "start of epoch 1" in notice[0]
-    assert {r["epoch"] for r in read_metrics(tmp_path) if r["kind"] == "train"} == {1}
+    assert len(notice) == 1 and notice[0].startswith("resume: elastic: world 2 -> 1"), out
+    assert {r["epoch"] for r in read_metrics(tmp_path / "new") if r["kind"] == "train"} == {0, 1}
+
+
+@pytest.mark.slow
+def test_mid_epoch_checkpoint_without_a_record_of_samples_resumes_at_the_next_epoch(chain, demo_shards, tmp_path,
+                                                                                     capsys):
+    """An older checkpoint (no record of the consumed samples) on another world size."""
+    _, mid, _ = chain
+    state = torch.load(mid, weights_only=True)
+    del state["position"]["elastic"]
+    old = tmp_path / "old.pth"
+    torch.save(state, old)
+    code, out, err = run_main(["--data_path", str(demo_shards), *SMALL, "--epochs", "2", "--resume", str(old),
+                               *run_folder(tmp_path / "new")], capsys)
+    assert code == 0, err
+    notice = [line for line in out.splitlines() if line.startswith("resume:")]
+    assert len(notice) == 1 and "world 2 -> 1" in notice[0] and "start of epoch 1" in notice[0], out
+    assert "records no consumed samples" in notice[0]
+    assert {r["epoch"] for r in read_metrics(tmp_path / "new") if r["kind"] == "train"} == {1}
 
 
 @pytest.mark.slow
