@@ -6,9 +6,9 @@ SIGTERM on to every rank; a rank launched by torchrun also stops when torchrun i
 in a few CPU integers; once per step it starts an asynchronous MAX all-reduce of them on a
 gloo group and reads the result of the previous step's one, so every rank sees the same
 decision at the same step, one step after the signal, and the device is never waited for.
-A second signal exits at once; Ctrl-C (SIGINT) stops like SIGTERM, and the copy of a signal that
-torchrun passes on to ranks the terminal or the scheduler already reached (within DUPLICATE_S)
-is not a second one. Time-based checkpoints (`--checkpoint-interval 10m`) ride on
+A second signal exits at once. Ctrl-C (SIGINT) stops like SIGTERM; under torchrun, which passes
+the terminal's SIGINT on to ranks that already had it, a repeat within DUPLICATE_S is the same one.
+Time-based checkpoints (`--checkpoint-interval 10m`) ride on
 the same all-reduce: rank 0's clock decides, every rank saves at the same step.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .config import parse_interval  # noqa: F401  (re-exported)
 from .dist import Dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-DUPLICATE_S = 2.0  # a repeat within this many seconds is the same stop, passed on by torchrun
+DUPLICATE_S = 2.0  # seconds: a SIGINT repeated by torchrun within them is not a second Ctrl-C
 LAUNCHER_GONE = 255  # the stop "signal" of a rank whose torchrun died
 STOP, SAVE = 0, 1  # slots of the flags tensor
 
@@ -65,8 +65,9 @@ class Control:
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if self.signal and time.monotonic() - self.signal_at < DUPLICATE_S:
-            return  # torchrun passing on the signal the whole process group already had
+        if (signum == self.signal == signal.SIGINT and self.parent is not None
+                and time.monotonic() - self.signal_at < DUPLICATE_S):
+            return  # torchrun passing on the Ctrl-C that the terminal gave every process already
         if self.signal:
             os.write(2, f"train_stream: second {name}: exiting now, without a checkpoint\n".encode())
             os._exit(128 + signum)
