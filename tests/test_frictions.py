@@ -140,11 +140,11 @@ def test_ctrl_c_checkpoints_and_resume_says_where_it_continues(demo_shards, tmp_
     out = tmp_path / "run"
     args = ["--data_path", str(demo_shards), *SMALL, "--epochs", "2", *run_folder(out)]
     proc = subprocess.Popen([PY, os.path.join(ROOT, "train_stream.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=child_env(), cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, env=child_env(), cwd=tmp_path, start_new_session=True)
     for line in proc.stdout:  # the first logged step: training runs
         if "loss" in line and "epoch" in line.lower():
             break
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the loader workers get it too
     _, err = proc.communicate(timeout=120)
     ours = [line for line in err.splitlines() if line.startswith("train_stream:")]
     assert proc.returncode == 75 and len(ours) == 1 and "stopped (got SIGINT)" in ours[0], err[-2000:]
