@@ -50,6 +50,8 @@ def recorded_data_path(checkpoint: str) -> tuple[str | None, str]:
 def _recorded_config(checkpoint: str) -> dict:
     """The `config` a checkpoint of ours records ({} for another file: the resume reports it).
     Memory-mapped: the tensors are not read."""
+    if not os.path.isfile(checkpoint):  # refused by the configuration's checks, before torch loads
+        return {}
     import argparse
 
     import torch
