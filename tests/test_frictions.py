@@ -13,7 +13,7 @@ import torch
 
 from common.errors import ConfigError
 from engine.flags import build_parser, parse_config
-from tests.conftest import ROOT, SMALL, child_env, read_metrics, run_folder, run_main
+from tests.conftest import ROOT, SMALL, child_env, read_metrics, run_folder, run_main, torchrun_cmd
 
 PY = sys.executable
 
@@ -154,6 +154,27 @@ def test_ctrl_c_checkpoints_and_resume_says_where_it_continues(demo_shards, tmp_
     assert code == 0, stderr
     assert "recorded in" in stdout and "resuming at epoch 0 step " in stdout
     assert [r["epoch"] for r in read_metrics(out) if r["kind"] == "val"] == [0, 1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_checkpoints_with_one_line(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = torchrun_cmd(["--data_path", str(demo_shards), *SMALL, "--epochs", "2", *run_folder(out)])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                            cwd=tmp_path, start_new_session=True)
+    for line in proc.stdout:
+        if "loss" in line and "epoch" in line.lower():
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches torchrun and both ranks; torchrun repeats it
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    ours = [line for line in err.splitlines() if line.startswith("train_stream:")]
+    assert len(ours) == 1 and "stopped (got SIGINT)" in ours[0] and "--auto-resume" in ours[0], err[-3000:]
+    assert "without a checkpoint" not in err and "broadcast_buffers" not in err
+    assert torch.load(out / "last.pth", weights_only=True)["position"]["step"] > 0
 
 
 # ---------------------------------------------------------------- checkpoints
