@@ -71,10 +71,10 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"train_stream: {e}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
-    except KeyboardInterrupt:  # before training started (or after): nothing to checkpoint
+    except KeyboardInterrupt:  # during the set-up (or after the loop): training stops at a step instead
         if int(os.environ.get("RANK", "0")) == 0:
-            print("train_stream: interrupted before training started (nothing to resume)", file=sys.stderr,
-                  flush=True)
+            print("train_stream: interrupted outside the training loop: no checkpoint written by this stop",
+                  file=sys.stderr, flush=True)
         return 130
     finally:
         if "torch.distributed" in sys.modules:
