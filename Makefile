@@ -1,7 +1,7 @@
 # Two entry points (README): `make demo` trains on the built-in demo data,
 # `make test` runs the test suite (lint + every test; CI runs it). Each creates or reuses .venv
-# and installs what it needs. `make test-fast` skips the tests marked slow (under 2 minutes on a quiet
-# 2-core machine: BENCHMARKS.md, section "Test suite").
+# and installs what it needs (the demo: requirements.txt only). `make test-fast` skips the tests
+# marked slow (under 2 minutes on a quiet 2-core machine: BENCHMARKS.md, section "Test suite").
 # `make bench` runs every CPU benchmark (README: its time) -> bench-results.json + bench-results.md.
 PYTHON ?= python3
 VENV   := .venv
@@ -9,12 +9,18 @@ PY     := $(VENV)/bin/python
 
 .PHONY: demo test test-fast lint bench clean
 
-$(VENV)/.deps: requirements.txt requirements-test.txt requirements-dali.txt requirements-cloud.txt
+# Two stamps: the demo needs only requirements.txt; the tests (and benchmarks) add the test tools,
+# DALI's CPU wheel and the object-store clients.
+$(VENV)/.deps-run: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.deps: $(VENV)/.deps-run requirements-test.txt requirements-dali.txt requirements-cloud.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
-demo: $(VENV)/.deps
+demo: $(VENV)/.deps-run
 	$(PY) train_stream.py --output output/demo
 
 lint: $(VENV)/.deps

@@ -10,7 +10,8 @@ Runbook:
   python train_stream.py --synthetic --performance        # compute only: no data loading
   torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
       train_stream.py --data_path /data/imagenet-wds    # several nodes
-  python train_stream.py --resume runs/r50/last.pth ... # continue at the next epoch
+  python train_stream.py --resume runs/r50/<run>/last.pth   # continue at the step it was written
+  python train_stream.py --output runs/r50 --auto-resume      # or: the newest run under runs/r50
   python tools/make_shards.py /data/imagenet --out /data/in500-wds --resize-max 500 --jpeg-quality 90
   torchrun --nproc_per_node=8 train_stream.py --data_path /data/in500-wds -c configs/fast_16ep.yaml
                                                           # FFCV's 16-epoch ResNet-50 recipe (README "Recipes")

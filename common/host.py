@@ -17,6 +17,13 @@ def default_workers(processes_per_node: int = 1, cap: int = 12) -> int:
     return max(1, min(cap, usable_cores() // max(1, processes_per_node) - 1))
 
 
+def default_threads(processes_per_node: int = 1, workers: int = 0) -> int:
+    """torch intra-op threads per process: its share of the cores less its loader workers, at
+    least 1. torch's own default (every core in every process) oversubscribes the cores the
+    workers decode on (BENCHMARKS.md, section "Threads per process")."""
+    return max(1, usable_cores() // max(1, processes_per_node) - max(0, workers))
+
+
 # CPU flags that decide how fast a training step or a decode runs (reported, never acted on here)
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "neon", "asimd")
 

@@ -30,11 +30,12 @@ from .config import Config, parse_interval
 from .control import Control
 from .data import Data
 from .dist import Dist, setup_distributed, sync_batchnorm
+from .inference import with_model_eval_defaults
 from .metrics import Metrics
 from .monitor import Monitor
 from .resolved import NOT_FLAGS, Resolved, plain_config, resolve
 from .resume import start_position
-from .runtime import configure_torch, precision_for
+from .runtime import configure_torch, precision_for, resolve_threads
 
 
 @dataclass(frozen=True)
@@ -88,18 +89,21 @@ def build(config: Config | Resolved, d: Dist | None = None, data: Data | None = 
     """The parts of a run of `config` on this process (distributed set-up from the environment
     unless `d` is given; its data unless `data` is given)."""
     run = config if isinstance(config, Resolved) else resolve(config)
+    run = with_model_eval_defaults(run)  # --crop-pct, --interpolation: the model's where not given
     if d is None:
         c = run.config.dist
         d = setup_distributed(c.device, c.device_id, c.local_rank)
         for note in run.notes:  # where the run goes, auto-resume, warnings about the flags
             d.say(note)
-        configure_torch()
+        configure_torch(resolve_threads(c.threads, run.config.data.workers, d.local_world,
+                                        loader_workers=not run.config.data.synthetic))
     data = data if data is not None else engine_data.make_data(run, d)
     return build_parts(run, d, data)
 
 
 def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
     """The model side of a run whose data is made."""
+    run = with_model_eval_defaults(run)
     cfg, dev = run.config, d.device
     m, o, s = cfg.network, cfg.optim, cfg.schedule
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
@@ -117,7 +121,7 @@ def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
     lr = o.lr if o.lr is not None else scale_lr(o.lr_base, global_batch, o.lr_base_size, o.lr_base_scale or "linear")
     optimizer, opt_desc = create_optimizer(model, lr, o.momentum, o.weight_decay, OPTIMIZERS[o.opt], dev,
                                            apex=cfg.precision.apex_amp)
-    precision = precision_for(cfg, dev)
+    precision = precision_for(cfg, dev, say=d.say)
     model, optimizer = precision.prepare(model, optimizer)
     steps_per_epoch = len(data.train)
     schedule = LRSchedule(optimizer, ScheduleConfig(
@@ -140,6 +144,7 @@ def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
         epoch, step, progress, elastic = start_position(pos, run.resume, data, d, o.batch_size,
                                                         cfg.run.allow_other_data)
         start = Start(epoch, step, progress, run.resume, state["best_metric"], elastic)
+        d.say(f"resume: {run.resume}: resuming at epoch {epoch} step {step}/{steps_per_epoch}")
         resume_at = (epoch, pos.get("global_step", epoch * steps_per_epoch))
     run_dir = run.run_dir if d.main else None
     saver = CheckpointSaver(run_dir, dev, start.best, hist=cfg.outputs.checkpoint_hist,
@@ -148,10 +153,7 @@ def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
         d.say(f"checkpoint: removed {saver.removed} temporary file(s) of interrupted checkpoint writes")
     plain = model  # for eval and checkpoints: no DDP, no compile
     if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [dev.index] if dev.is_accelerator else None
-        model = DDP(model, device_ids=ids, gradient_as_bucket_view=True,
-                    broadcast_buffers=cfg.dist.ddp_broadcast_buffers)
+        model = wrap_ddp(model, [dev.index] if dev.is_accelerator else None, cfg.dist.ddp_broadcast_buffers)
     resolution = ResolutionSchedule.from_args(cfg)
     if m.torchcompile:  # static shapes: one graph per training size (model.factory.compile_model)
         model = compile_model(model, m.torchcompile, m.compile_mode, sizes=len(resolution.sizes(s.epochs)))
@@ -174,6 +176,19 @@ def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
                   resolution, lr, start, saver, metrics, monitor, control, dist_bn)
     describe(parts, opt_desc, global_batch)
     return parts
+
+
+def wrap_ddp(model: torch.nn.Module, device_ids, broadcast_buffers: bool) -> torch.nn.Module:
+    """DDP around `model`. torch 2.13+ deprecates `broadcast_buffers` for `forward_sync_buffers`,
+    but only `broadcast_buffers=False` keeps each rank's own buffers at the start too (what the
+    port does), so it is passed only when off, with that one FutureWarning silenced."""
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    kw = {} if broadcast_buffers else {"broadcast_buffers": False}  # on: DDP's default
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`broadcast_buffers` is deprecated", category=FutureWarning)
+        return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True, **kw)
 
 
 def record_config(run: Resolved, run_dir: str | None, metrics: Metrics) -> None:

@@ -47,7 +47,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_wording()
     try:
-        run(parse_args(argv))
+        from .precheck import check_paths
+        resolved = parse_args(argv)
+        check_paths(resolved)  # a missing --data_path or a file as --output: refused before torch loads
+        run(resolved)
         return 0
     except UserError as e:
         prefix = "data loading failed: " if isinstance(e, DataLoadingError) else ""
@@ -68,8 +71,10 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"train_stream: {e}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
-    except KeyboardInterrupt:
-        print("train_stream: interrupted", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # during the set-up (or after the loop): training stops at a step instead
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("train_stream: interrupted outside the training loop: no checkpoint written by this stop",
+                  file=sys.stderr, flush=True)
         return 130
     finally:
         if "torch.distributed" in sys.modules:

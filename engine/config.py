@@ -123,15 +123,17 @@ class DataConfig(Section):
     GROUP = "data"
     data_path: str | None = option(None, "shard folder with _info.json, an http(s):// root, or a 'pipe:...{}...' "
                                    "command template (default: the built-in demo dataset)",
-                                   "--data_path", "--data-path", metavar="PATH")
+                                   "--data_path", "--data-path", "--data-dir", metavar="PATH")
     workers: int | None = option(None, "loader workers per process (default: cores per process - 1, at most 12)",
                                  "-j", "--workers", type=int)
     img_size: int = option(224, "train and validation image size in pixels")
-    crop_pct: float = option(0.875, "eval: resize the shorter side to img-size / crop-pct, then centre-crop "
-                             "img-size")
+    crop_pct: float | None = option(None, "eval: resize the shorter side to img-size / crop-pct, then centre-crop "
+                                    "img-size (default: the model's pretrained config, as timm; 0.875 for "
+                                    "resnet50.gluon_in1k)", type=float)
     train_interpolation: str = option("random", "train crop resize; random: bilinear or bicubic per image, as timm",
                                       choices=("random", "bilinear", "bicubic"))
-    interpolation: str = option("bicubic", "eval resize interpolation", choices=("bilinear", "bicubic"))
+    interpolation: str | None = option(None, "eval resize interpolation (default: the model's pretrained config, as "
+                                       "timm; bicubic for resnet50.gluon_in1k)", choices=("bilinear", "bicubic"))
     validation_batch_size: int | None = option(None, "validation batch per device (default: -b)",
                                                "-vb", "--validation-batch-size", type=int)
     num_classes: int | None = option(None, "classes of the model's head (default: from _info.json; must match it)",
@@ -184,7 +186,7 @@ class DataConfig(Section):
     def check(self):
         at_least(self, 1, "img_size", "validation_batch_size", "num_classes", "val_res")
         at_least(self, 0, "workers")
-        if not 0 < self.crop_pct <= 1:
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise ConfigError("--crop-pct must be in (0, 1]")
         if self.val_crop_pct is not None and not 0 < self.val_crop_pct <= 1:
             raise ConfigError("--val-crop-pct must be in (0, 1]")
@@ -307,8 +309,14 @@ class DistConfig(Section):
     dist_bn: str = option("", "after each epoch, average (reduce) or copy rank 0's (broadcast) BN statistics "
                           "(default: '', per-rank statistics as the port's train.py l.252; timm 1.0: reduce)",
                           group="model", choices=("reduce", "broadcast", ""))
+    threads: int | None = option(None, "torch intra-op threads per process (default: OMP_NUM_THREADS where set, "
+                                 "else the cores per process less its loader workers, at least 1)", type=int,
+                                 metavar="N")
     ddp_broadcast_buffers: bool = option(False, "DDP copies rank 0's buffers (BN statistics) before every forward "
                                          "(default: off, as the port; timm 1.0: on)", group="model", negatable=True)
+
+    def check(self):
+        at_least(self, 1, "threads")
 
 
 @dataclass(frozen=True)

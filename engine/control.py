@@ -6,7 +6,9 @@ SIGTERM on to every rank; a rank launched by torchrun also stops when torchrun i
 in a few CPU integers; once per step it starts an asynchronous MAX all-reduce of them on a
 gloo group and reads the result of the previous step's one, so every rank sees the same
 decision at the same step, one step after the signal, and the device is never waited for.
-A second signal exits at once. Time-based checkpoints (`--checkpoint-interval 10m`) ride on
+A second signal exits at once. Ctrl-C (SIGINT) stops like SIGTERM; under torchrun, which passes
+the terminal's SIGINT on to ranks that already had it, a repeat within DUPLICATE_S is the same one.
+Time-based checkpoints (`--checkpoint-interval 10m`) ride on
 the same all-reduce: rank 0's clock decides, every rank saves at the same step.
 """
 from __future__ import annotations
@@ -23,7 +25,8 @@ from common.errors import PREEMPTED_EXIT, Preempted  # noqa: F401  (re-exported)
 from .config import parse_interval  # noqa: F401  (re-exported)
 from .dist import Dist
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+DUPLICATE_S = 2.0  # seconds: a SIGINT repeated by torchrun within them is not a second Ctrl-C
 LAUNCHER_GONE = 255  # the stop "signal" of a rank whose torchrun died
 STOP, SAVE = 0, 1  # slots of the flags tensor
 
@@ -42,7 +45,7 @@ class Control:
 
     def __init__(self, d: Dist, interval=None):
         self.d, self.interval = d, interval
-        self.signal = 0
+        self.signal, self.signal_at = 0, 0.0
         self.group = dist.new_group(backend="gloo") if d.world > 1 else None
         self.pending = None  # (work, tensor) of the all-reduce started at the previous step
         # torchrun's workers learn of its death only by being orphaned
@@ -62,10 +65,13 @@ class Control:
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if (signum == self.signal == signal.SIGINT and self.parent is not None
+                and time.monotonic() - self.signal_at < DUPLICATE_S):
+            return  # torchrun passing on the Ctrl-C that the terminal gave every process already
         if self.signal:
             os.write(2, f"train_stream: second {name}: exiting now, without a checkpoint\n".encode())
             os._exit(128 + signum)
-        self.signal = signum  # the run's one line comes when it has stopped (engine.cli)
+        self.signal, self.signal_at = signum, time.monotonic()  # the one line comes at the stop (engine.cli)
 
     # ------------------------------------------------------------------ decisions
     def _local(self) -> list[int]:

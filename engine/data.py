@@ -108,6 +108,8 @@ def remote_options(args, d: Dist) -> RemoteOptions:
 
 def make_data(args: Resolved, d: Dist) -> Data:
     """This rank's loaders and feeders for a resolved configuration."""
+    from .inference import with_model_eval_defaults
+    args = with_model_eval_defaults(args)  # --crop-pct, --interpolation: the model's where not given
     dev = d.device
     if args.decode == "gpu" and dev.type != "cuda":
         raise ConfigError(f"--decode gpu needs a CUDA device (nvJPEG); this run is on {dev.type}")

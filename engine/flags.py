@@ -14,9 +14,46 @@ DESCRIPTION = ("Train a timm model (default resnet50.gluon_in1k, ResNet-50 v1b) 
 
 
 class Parser(argparse.ArgumentParser):
+    """No prefix matching (timm's `--drop` must not become our `--drop-path`), one-line errors,
+    and "did you mean" for a mistyped flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         """One line, not the whole usage text."""
         self.exit(2, f"train_stream: error: {message} (see --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(unknown_message(unknown, [s for a in self._actions for s in a.option_strings]))
+        return parsed
+
+
+def unknown_message(unknown: list[str], known: list[str]) -> str:
+    """'unrecognized arguments: ...' with the nearest flag for each mistyped one, and the way to
+    pass a data folder for a positional one (timm's train.py takes its data folder positionally)."""
+    import difflib
+    hints, previous = [], None
+    for token in unknown:
+        name = token.split("=", 1)[0]
+        if name.startswith("-"):
+            longer = sorted((k for k in known if k.startswith(name)), key=len)  # what prefix matching took
+            near = longer[:1] or difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            if near:
+                hints.append(f"{name}: did you mean {near[0]}?")
+        elif previous is None or not previous.startswith("-") or "=" in previous:
+            hints.append(f"{token}: this trainer takes no positional arguments; pass a data folder as "
+                         f"--data_path {token}")
+        previous = token
+    return f"unrecognized arguments: {' '.join(unknown)}" + ("; " + "; ".join(hints) if hints else "")
+
+
+def choices_metavar(choices) -> str:
+    """argparse shows '' as an empty slot ({reduce,broadcast,}); name it ''."""
+    return "{" + ",".join(c if c != "" else "''" for c in map(str, choices)) + "}"
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -40,6 +77,8 @@ def add_flag(group, f) -> None:
     else:
         kw["type"] = m["type"] or (str if f.default is None else type(f.default))
         kw.update({k: m[k] for k in ("choices", "metavar", "nargs", "const") if m[k] is not None})
+        if m["choices"] and "" in m["choices"] and not m["metavar"]:
+            kw["metavar"] = choices_metavar(m["choices"])
     group.add_argument(*names, **kw)
 
 
@@ -68,6 +107,13 @@ def parse_config(argv=None) -> tuple[Config, list[str]]:
             notes.append(f"warning: {first.config}: ignoring timm settings this trainer does not have: "
                          f"{', '.join(ignored)}")
     given = parser.parse_args(argv)
+    if given.data_path is None and not given.synthetic and given.resume:
+        from .precheck import recorded_data_path
+        recorded, note = recorded_data_path(given.resume)  # not the demo's data: the run's own
+        if recorded:
+            parser.set_defaults(data_path=recorded)
+            given = parser.parse_args(argv)
+            notes.append(note)
     if given.data_path is None and not given.synthetic:
         parser.set_defaults(**{k: v for k, v in DEMO.items() if k not in values})
     flat = vars(parser.parse_args(argv))
@@ -110,7 +156,10 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[dict, list[
         with open(path) as f:
             values = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError) as e:
-        parser.error(f"cannot read config {path}: {str(e).splitlines()[0]}")
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        parser.error(f"cannot read config {path}{where}: {problem}")
     if not isinstance(values, dict):
         parser.error(f"config {path} must be a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions}

@@ -97,6 +97,53 @@ def _finish(loaded: Loaded, device) -> Loaded:
     return loaded
 
 
+def timm_eval_geometry(model, img_size=None, crop_pct=None, interpolation=None,
+                       use_test_size: bool = False) -> tuple[int, float, str]:
+    """(size, crop_pct, interpolation) as timm resolves them (resolve_data_config): the values
+    given, else the model's pretrained config, else timm's defaults. `model` is a module or a
+    model name (its pretrained config, no weights needed)."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+    flags = {"img_size": img_size, "crop_pct": crop_pct, "interpolation": interpolation}
+    if isinstance(model, str):
+        pretrained = get_pretrained_cfg(canonical_name(model), allow_unregistered=True)
+        cfg = resolve_data_config(flags, pretrained_cfg=pretrained.to_dict() if pretrained else {},
+                                  use_test_size=use_test_size)
+    else:
+        cfg = resolve_data_config(flags, model=model, use_test_size=use_test_size)
+    interp = cfg["interpolation"] if cfg["interpolation"] in ("bilinear", "bicubic") else "bicubic"
+    return int(cfg["input_size"][-1]), float(cfg["crop_pct"]), interp
+
+
+def eval_geometry(loaded: Loaded, img_size=None, crop_pct=None, interpolation=None,
+                  use_train_size: bool = False) -> tuple[int, float, str]:
+    """(size, crop_pct, interpolation) to evaluate `loaded` with. The flags win. A checkpoint of
+    our trainer then gives its run's validation settings (--val-res/--val-crop-pct, else
+    --img-size/--crop-pct, and --interpolation), so it scores what the run printed. Anything else
+    (a timm model name, timm's or a bare checkpoint) gets the model's pretrained config through
+    timm's resolve_data_config, with its test-time size and crop when it has them, as timm's
+    validate.py does."""
+    if loaded.config.get("img_size"):  # recorded by every run of train_stream.py
+        return eval_settings(loaded, img_size, crop_pct, interpolation)
+    return timm_eval_geometry(loaded.model, img_size, crop_pct, interpolation, use_test_size=not use_train_size)
+
+
+def with_model_eval_defaults(run):
+    """`run` (a Config or Resolved) with --crop-pct and --interpolation, where not given, from the
+    model's pretrained config as timm's train.py resolves them (resnet50.gluon_in1k: 0.875,
+    bicubic, the reference run's values). The evaluation size stays --val-res, else --img-size."""
+    import dataclasses
+
+    from .resolved import Resolved
+    config = run.config if isinstance(run, Resolved) else run
+    d = config.data
+    if d.crop_pct is not None and d.interpolation is not None:
+        return run
+    _, pct, interp = timm_eval_geometry(config.network.model, d.img_size, d.crop_pct, d.interpolation)
+    config = config.replace(crop_pct=pct, interpolation=interp)
+    return dataclasses.replace(run, config=config) if isinstance(run, Resolved) else config
+
+
 def eval_settings(loaded: Loaded, img_size=None, crop_pct=None, interpolation=None) -> tuple[int, float, str]:
     """(size, crop_pct, interpolation): the flags, else the training run's validation settings
     (--val-res/--val-crop-pct, else its training ones), else timm's defaults for the model."""

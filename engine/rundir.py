@@ -48,6 +48,21 @@ def _unique(path: str) -> str:
     return candidate
 
 
+def check_output_dir(run_dir: str) -> None:
+    """Refuse a run folder that cannot be made: a file on its path, or a folder not writable."""
+    path = os.path.abspath(run_dir)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+    if not os.path.isdir(path):
+        raise ConfigError(f"--output: {path} is a file, not a folder (runs go into a folder; pass another "
+                          "--output)")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output: cannot write in {path} (pass another --output)")
+
+
 def resolve_run_dir(config) -> tuple[str | None, str | None, list[str]]:
     """(the run folder, None: save nothing; the checkpoint to resume; the lines to tell the user,
     rank 0 prints them) of a Config. Reads the file system, writes nothing."""

@@ -8,37 +8,65 @@ bfloat16 decides the default precision (model.precision.resolve_precision), so i
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
 
 import torch
 
-from common.host import cpu_flags, cpu_model, default_workers, usable_cores
+from common.host import cpu_flags, cpu_model, default_threads, default_workers, usable_cores
 from model.device import CPU_BF16_ENV, Device
 from model.precision import Precision, resolve_precision
 
 
-def configure_torch() -> int:
+def configure_torch(threads: int | None = None) -> int:
     """torch's process-wide switches for a training run; returns the intra-op thread count.
 
-    Threads stay at torch's own default (OMP_NUM_THREADS where set); what matters for a
-    comparison is that both sides run under the same value, which `compute_settings` records.
+    `threads` (train_stream: resolve_threads) sets it; None keeps torch's own default
+    (OMP_NUM_THREADS where set): what matters for a comparison is that both sides run under
+    the same value, which `compute_settings` records.
     """
+    if threads is not None:
+        torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     return torch.get_num_threads()
 
 
-def precision_for(args, device: Device) -> Precision:
-    """The Precision of a run with train_stream's flags (--amp, --amp-dtype, --apex-amp)."""
-    return resolve_precision(device, args.amp, args.amp_dtype, args.apex_amp)
+def precision_for(args, device: Device, say=None) -> Precision:
+    """The Precision of a run with train_stream's flags (--amp, --amp-dtype, --apex-amp).
+
+    --amp-dtype float16 on a CPU (e.g. from a GPU run's timm args.yaml) falls back to what --amp
+    picks there, with one line to `say` (default: a logged warning): torch's CPU float16 autocast
+    has few fast kernels and runs far slower than float32."""
+    amp_dtype = args.amp_dtype
+    if amp_dtype == "float16" and device.type == "cpu" and args.amp and not args.apex_amp:
+        amp_dtype = None
+        choice = resolve_precision(device, True, None, False)
+        line = (f"warning: --amp-dtype float16 on a CPU is very slow (no float16 kernels); running "
+                f"{choice.dtype_name} instead (--amp-dtype bfloat16 or --no-amp choose)")
+        (say or logging.getLogger("engine").warning)(line)
+        return choice
+    return resolve_precision(device, args.amp, amp_dtype, args.apex_amp)
 
 
 def resolve_workers(requested: int | None, processes_per_node: int = 1) -> int:
     """-j as given, else train_stream's default: the cores left per process after its main thread."""
     return requested if requested is not None else default_workers(processes_per_node)
+
+
+def resolve_threads(requested: int | None, workers: int | None, processes_per_node: int = 1,
+                    loader_workers: bool = True) -> int | None:
+    """--threads as given; else None (torch's) where OMP_NUM_THREADS is set; else the cores per
+    process less its loader workers (-j, or its default), at least 1."""
+    if requested is not None:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return None
+    busy = resolve_workers(workers, processes_per_node) if loader_workers else 0
+    return default_threads(processes_per_node, busy)
 
 
 def compute_settings(device: Device, precision: Precision, channels_last: bool) -> dict:

@@ -189,13 +189,18 @@ TIMM_NAMES = {"last.pth.tar": "last.pth", "model_best.pth.tar": "best.pth"}  # l
 
 def _link_or_copy(src: str, dst: str) -> None:
     """dst holds src's bytes: a hard link (the next atomic save of src replaces src, not dst)."""
-    tmp = f"{dst}.{os.getpid()}.tmp"
+    folder = os.path.dirname(dst)
+    tmp = os.path.join(folder, f".{os.path.basename(dst)}.{os.getpid()}.tmp")  # remove_stale_temporaries' name
     try:
+        os.link(src, tmp)
+    except FileExistsError:  # a killed write's, of a process with this id
+        os.unlink(tmp)
         os.link(src, tmp)
     except OSError:  # a file system without hard links
         import shutil
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+    _fsync_dir(folder)
 
 
 class CheckpointSaver:
@@ -268,8 +273,15 @@ class CheckpointSaver:
         is_best = self._improves(metric, higher_is_better)
         if is_best:
             self.best_metric = float(metric)
+        weights = unwrap_model(model).state_dict()
         state = {
-            "model": unwrap_model(model).state_dict(),
+            # `state_dict`, `arch` and `version` 2 (epoch = the epoch finished) are what timm's
+            # CheckpointSaver writes and its resume_checkpoint/load_checkpoint read; `model` is
+            # the same object (stored once: pickle keeps one copy of an object named twice)
+            "state_dict": weights,
+            "model": weights,
+            "arch": str((config or {}).get("model") or type(unwrap_model(model)).__name__.lower()),
+            "version": 2,
             "optimizer": optimizer.state_dict(),
             "scaler": precision.state_dict() if precision is not None else {},
             "schedule": schedule.state_dict() if schedule is not None else {},
@@ -285,8 +297,8 @@ class CheckpointSaver:
             state["position"] = _plain(position)
         state.update(self.extra)
         save_checkpoint(self.last_path, state)
-        if is_best:
-            save_checkpoint(self.best_path, state)
+        if is_best:  # the same bytes: a hard link (no second copy), replaced atomically
+            _link_or_copy(self.last_path, self.best_path)
         mid_epoch = position is not None and position.get("step", 0) > 0
         if self.hist and not mid_epoch:
             self._add_history(epoch, None if metric is None else float(metric))
@@ -351,6 +363,8 @@ def resume(path: str, model, optimizer, precision, device: Device | None = None,
     one it starts from the resumed weights. Anything in the file that does not fit is one
     CheckpointError line."""
     ckpt = load_checkpoint(path)
+    if "model" not in ckpt and "optimizer" in ckpt and isinstance(ckpt.get("state_dict"), dict):  # timm's key
+        ckpt["model"] = ckpt["state_dict"]
     missing = [k for k in ("model", "optimizer", "epoch") if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not written by this trainer")

@@ -172,8 +172,8 @@ def test_best_only_on_improvement_and_files_are_weights_only(tmp_path):
     best, last = (torch.load(tmp_path / n, weights_only=True) for n in ("best.pth", "last.pth"))
     assert best["epoch"] == 2 and best["metric"] == 60.0 and best["best_metric"] == 60.0
     assert last["epoch"] == 4 and last["best_metric"] == 60.0 and last["scaler"] == {}
-    assert set(last) == {"model", "optimizer", "scaler", "schedule", "epoch", "config", "rng",
-                         "metric", "best_metric"}
+    assert set(last) == {"model", "state_dict", "arch", "version", "optimizer", "scaler", "schedule", "epoch",
+                         "config", "rng", "metric", "best_metric"}
     # lower is better (e.g. a loss), and a resumed saver remembers the best so far
     saver = CheckpointSaver(str(tmp_path / "loss"), best_metric=2.0)
     assert [saver.save(e, model, opt, None, None, {}, metric=m, higher_is_better=False)

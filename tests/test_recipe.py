@@ -29,7 +29,8 @@ def test_defaults_are_the_reference_run():
     """train_stream.py with only --data_path is the port's train.py with its scripts' flags (only
     Apex, which needs a source build, is opt-in); the LR follows from --lr-base 0.2 per 256.
     (Without --data_path the demo's settings replace a few: tests/test_run.py.)"""
-    args = parse_args(["--data_path", "/data/imagenet-wds"])
+    from engine.inference import with_model_eval_defaults  # crop_pct, interpolation: the model's config
+    args = with_model_eval_defaults(parse_args(["--data_path", "/data/imagenet-wds"]))
     for key, value in REFERENCE.items():
         if key == "model":  # the port's gluon_resnet50_v1b is timm's old name of our default
             assert canonical_name(args.model) == canonical_name(value) == "resnet50.gluon_in1k"

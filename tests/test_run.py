@@ -130,7 +130,7 @@ def test_args_yaml_round_trips_and_a_timm_config_loads(tmp_path, capsys):
     timm_args = parse_args(["-c", str(tmp_path / "timm.yaml"), "--output", str(tmp_path)])
     assert (timm_args.data_path, timm_args.model, timm_args.opt, timm_args.epochs) == ("/data/wds", "resnet10t",
                                                                                         "momentum", 3)
-    assert timm_args.interpolation == "bicubic" and timm_args.lr is None  # unset in timm's file: ours
+    assert timm_args.interpolation is None and timm_args.lr is None  # unset in timm's file: ours (the model's)
     assert "ignoring timm settings this trainer does not have: hflip, layer_decay" in " ".join(timm_args.notes)
 
 

@@ -91,19 +91,9 @@ def data_source(typed: str | None, config: dict) -> str:
 
 def eval_geometry(loaded, img_size=None, crop_pct=None, interpolation=None,
                   use_train_size: bool = False) -> tuple[int, float, str]:
-    """(size, crop_pct, interpolation). The flags win. A checkpoint of our trainer then gives its
-    run's validation settings (--val-res/--val-crop-pct, else --img-size/--crop-pct, and
-    --interpolation), so it scores what the run printed. Anything else (a timm model name, timm's
-    or a bare checkpoint) gets the model's pretrained config through timm's resolve_data_config,
-    with its test-time size and crop when it has them, as timm's validate.py does."""
-    if loaded.config.get("img_size"):  # recorded by every run of train_stream.py
-        from engine.inference import eval_settings
-        return eval_settings(loaded, img_size, crop_pct, interpolation)
-    from timm.data import resolve_data_config
-    flags = {"img_size": img_size, "crop_pct": crop_pct, "interpolation": interpolation}
-    cfg = resolve_data_config(flags, model=loaded.model, use_test_size=not use_train_size)
-    interp = cfg["interpolation"] if cfg["interpolation"] in ("bilinear", "bicubic") else "bicubic"
-    return int(cfg["input_size"][-1]), float(cfg["crop_pct"]), interp
+    """engine.inference.eval_geometry (imported here only when called: --help stays fast)."""
+    from engine.inference import eval_geometry as geometry
+    return geometry(loaded, img_size, crop_pct, interpolation, use_train_size)
 
 
 def run(args) -> dict:
