@@ -30,6 +30,7 @@ from .config import Config, parse_interval
 from .control import Control
 from .data import Data
 from .dist import Dist, setup_distributed, sync_batchnorm
+from .guards import sample_order
 from .metrics import Metrics
 from .monitor import Monitor
 from .resolved import NOT_FLAGS, Resolved, plain_config, resolve
@@ -136,7 +137,8 @@ def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
         # the right curve.
         state = resume(run.resume, model, optimizer, precision, dev, restore_rng=d.main, model_name=m.model, ema=ema)
         pos = state["position"]
-        epoch, step, progress = start_position(pos, run.resume, data, d, o.batch_size, cfg.run.allow_other_data)
+        epoch, step, progress = start_position(pos, run.resume, data, d, o.batch_size, cfg.run.allow_other_data,
+                                               order=sample_order(cfg))
         start = Start(epoch, step, progress, run.resume, state["best_metric"])
         resume_at = (epoch, pos.get("global_step", epoch * steps_per_epoch))
     run_dir = run.run_dir if d.main else None
