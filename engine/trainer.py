@@ -68,6 +68,8 @@ class Trainer:
     def step(self, images, labels, global_step: int) -> torch.Tensor:
         """One optimizer update; returns the loss as a device tensor (no host sync)."""
         self.schedule.step(global_step)
+        if self.loss_guard.skip:  # a dropped update must not leave a bad batch in the BN statistics
+            buffers = [b.detach().clone() for b in self.plain.buffers()]
         with self.precision.autocast():
             loss = self.criterion(self.model(images), labels)
         self.optimizer.zero_grad(set_to_none=True)
@@ -76,6 +78,9 @@ class Trainer:
             bad = self.d.all_reduce([float(not torch.isfinite(loss.detach()).item())])[0]
             if not self.loss_guard.keep(not bad, *self._where):
                 self.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for b, kept in zip(self.plain.buffers(), buffers):
+                        b.copy_(kept)
                 return None
         if self.clip_params is not None:
             from timm.utils import dispatch_clip_grad
@@ -179,7 +184,8 @@ class Trainer:
         ok = bool(torch.isfinite(loss_sum).item()) and weights_finite(
             self.plain, self.ema.module if self.ema is not None else None)
         if self.d.all_reduce([float(not ok)])[0]:
-            raise NonFiniteLoss(f"epoch {epoch} step {step}: the weights or the training loss are not finite "
+            where = f"epoch {epoch} step {step}" if step else f"the end of epoch {epoch}"
+            raise NonFiniteLoss(f"{where}: the weights or the training loss are not finite "
                                 "(diverged); stopped without saving: lower --lr or check the data. The last "
                                 "checkpoint written is the last good one")
 
@@ -335,7 +341,7 @@ class Trainer:
 
     def save(self, epoch: int, result: dict | None) -> None:
         if self.saver is not None or self.d.world > 1:  # every rank joins the check's all-reduce
-            self.check_finite(torch.zeros(()), epoch + 1, 0)
+            self.check_finite(torch.zeros(()), epoch, 0)
         if not self.saver:
             return
         metric = result["top1"] if result and result.get("complete", True) else None
