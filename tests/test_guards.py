@@ -3,6 +3,7 @@ are refused before set-up with one line; a non-finite loss stops the run without
 the last good checkpoint; a validation of 0 images is no result; a mid-epoch resume notices a
 change of the settings that decide the sample order."""
 import errno
+import io
 import json
 import os
 import shutil
@@ -365,3 +366,14 @@ def test_a_changed_sample_order_setting_resumes_at_the_next_epoch(key, value):
     changed = start_position(pos, "last.pth", _Data(), d, 8, False, order={**order, key: value})
     assert changed == (4, 0, None)
     assert len(d.lines) == 1 and key in d.lines[0]
+
+
+# ---------------------------------------------------------------- the hostile probe runner
+@pytest.mark.slow
+def test_hostile_probes_fast_subset_holds(tmp_path):
+    from tools.hostile_probes import main, run_probes
+    out = io.StringIO()
+    rows = run_probes(only=("pipe: data path", "--lr nan", "--img-size", "crafted"), fast=True, tmp=str(tmp_path),
+                      out=out)
+    assert len(rows) == 4 and all(held for *_, held in rows), out.getvalue()
+    assert main(["--only", "no such probe"]) == 0  # nothing run: "0 probes, 0 held, 0 failed"
