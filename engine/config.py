@@ -114,6 +114,7 @@ MAX_IMG_SIZE = 4096  # a batch of 4096 px images already needs GBs of /dev/shm p
 MAX_CLASSES = 1_000_000  # the head alone is then 2048 x 1M floats (8 GB)
 MAX_IO_RETRIES = 10  # the waits double from 2 s: 10 retries already wait over half an hour
 MAX_WORKERS = 256
+MAX_BATCH = 65536  # per device; a 224 px float batch of this size is already 39 GB
 
 
 def finite(section) -> None:
@@ -367,6 +368,7 @@ class OptimConfig(Section):
 
     def check(self):
         at_least(self, 1, "batch_size", "lr_base_size")
+        at_most(self, MAX_BATCH, "batch_size", why=" per device")
         at_least(self, 0, "clip_grad", "lr", "lr_base", "weight_decay")
         if not 0 <= self.momentum <= 1:
             raise ConfigError("--momentum must be in [0, 1]")

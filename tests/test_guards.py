@@ -49,7 +49,8 @@ BAD_NUMBERS = [
     ("--checkpoint-hist", "-1"), ("--clip-grad", "-1"), ("--clip-grad", "nan"), ("--io-retries", "11"),
     ("--io-timeout", "nan"), ("--io-timeout", "inf"), ("--color-jitter", "nan"), ("--color-jitter", "3"),
     ("--reprob", "2"), ("--crop-pct", "nan"), ("--num-classes", "2000000000"), ("-j", "100000"),
-    ("--max-missing", "nan"), ("--device_id", "-1"), ("--mixup", "nan"), ("--cutmix-minmax", "0.1", "nan"),
+    ("--max-missing", "nan"), ("-b", "10000000"), ("--device_id", "-1"), ("--mixup", "nan"),
+    ("--cutmix-minmax", "0.1", "nan"),
 ]
 
 
