@@ -31,6 +31,7 @@ from .control import Control
 from .data import Data
 from .dist import Dist, setup_distributed, sync_batchnorm
 from .inference import with_model_eval_defaults
+from .guards import sample_order
 from .metrics import Metrics
 from .monitor import Monitor
 from .resolved import NOT_FLAGS, Resolved, plain_config, resolve
@@ -142,7 +143,7 @@ def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
         state = resume(run.resume, model, optimizer, precision, dev, restore_rng=d.main, model_name=m.model, ema=ema)
         pos = state["position"]
         epoch, step, progress, elastic = start_position(pos, run.resume, data, d, o.batch_size,
-                                                        cfg.run.allow_other_data)
+                                                        cfg.run.allow_other_data, order=sample_order(cfg))
         start = Start(epoch, step, progress, run.resume, state["best_metric"], elastic)
         d.say(f"resume: {run.resume}: resuming at epoch {epoch} step {step}/{steps_per_epoch}")
         resume_at = (epoch, pos.get("global_step", epoch * steps_per_epoch))

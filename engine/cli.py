@@ -2,6 +2,7 @@
 and turn user errors into one line."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -47,10 +48,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_wording()
     try:
+        from .guards import guard_run
         from .precheck import check_paths
         resolved = parse_args(argv)
         check_paths(resolved)  # a missing --data_path or a file as --output: refused before torch loads
-        run(resolved)
+        with guard_run(resolved):  # the run folder's lock, write probe and free space, before set-up
+            run(resolved)
         return 0
     except UserError as e:
         prefix = "data loading failed: " if isinstance(e, DataLoadingError) else ""
@@ -66,6 +69,12 @@ def main(argv=None) -> int:
         if "DataLoader" in reason:
             reason = flag_wording(f"data loading failed: {reason}; resume from the last checkpoint to continue")
         print(f"train_stream: error: {reason}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as e:  # a full disk anywhere in a write (checkpoints say more themselves)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        print(f"train_stream: error: {e.strerror} writing {e.filename or 'the run files'}; the checkpoints "
+              "written before are kept: free space and resume", file=sys.stderr, flush=True)
         return 1
     except Preempted as e:
         if int(os.environ.get("RANK", "0")) == 0:

@@ -36,6 +36,7 @@ once, before anything slow starts.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 
@@ -101,6 +102,30 @@ def at_least(section, low: int, *names: str) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be {kind}")
 
 
+def at_most(section, high, *names: str, why: str = "") -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value > high:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at most {high:,}{why}")
+
+
+# Upper bounds where a larger value is a typo that would cost memory or hours before failing
+MAX_IMG_SIZE = 4096  # a batch of 4096 px images already needs GBs of /dev/shm per loader worker
+MAX_CLASSES = 1_000_000  # the head alone is then 2048 x 1M floats (8 GB)
+MAX_IO_RETRIES = 10  # the waits double from 2 s: 10 retries already wait over half an hour
+MAX_WORKERS = 256
+MAX_BATCH = 65536  # per device; a 224 px float batch of this size is already 39 GB
+
+
+def finite(section) -> None:
+    """No NaN or infinity in any number of a section (YAML and argparse both accept 'nan')."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number (got {value!r})")
+
+
 def fraction(section, *names: str) -> None:
     for name in names:
         if not 0 <= getattr(section, name) <= 1:
@@ -112,6 +137,7 @@ class Section:
     GROUP = ""
 
     def __post_init__(self):
+        finite(self)
         self.check()
 
     def check(self) -> None:
@@ -186,6 +212,12 @@ class DataConfig(Section):
     def check(self):
         at_least(self, 1, "img_size", "validation_batch_size", "num_classes", "val_res")
         at_least(self, 0, "workers")
+        at_least(self, 1, "shuffle_buffer", "prefetch_factor")
+        at_most(self, MAX_IMG_SIZE, "img_size", "val_res", "min_res", "max_res",
+                why=" pixels (each loader worker's batch in /dev/shm grows with its square)")
+        at_most(self, MAX_CLASSES, "num_classes")
+        at_most(self, MAX_WORKERS, "workers")
+        at_most(self, MAX_IO_RETRIES, "io_retries", why=" (the waits between retries double from 2 s)")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise ConfigError("--crop-pct must be in (0, 1]")
         if self.val_crop_pct is not None and not 0 < self.val_crop_pct <= 1:
@@ -239,6 +271,7 @@ class AugmentConfig(Section):
         at_least(self, 1, "recount")
         fraction(self, "reprob", "mixup_prob", "mixup_switch_prob")
         at_least(self, 0, "color_jitter", "mixup", "cutmix", "mixup_off_epoch")
+        at_most(self, 1, "color_jitter")
         if self.cutmix_minmax is not None and not 0 <= self.cutmix_minmax[0] < self.cutmix_minmax[1] <= 1:
             raise ConfigError("--cutmix-minmax needs 0 <= MIN < MAX <= 1")
         if self.aa is not None:
@@ -287,7 +320,8 @@ class ModelConfig(Section):
                             "channels", group=FAST, negatable=True)
 
     def check(self):
-        at_least(self, 0, "drop_path")
+        if self.drop_path is not None and not 0 <= self.drop_path < 1:
+            raise ConfigError("--drop-path must be in [0, 1)")
         if not 0 <= self.model_ema_decay < 1:
             raise ConfigError("--model-ema-decay must be in [0, 1)")
         check_file("--initial-checkpoint", self.initial_checkpoint)
@@ -317,6 +351,7 @@ class DistConfig(Section):
 
     def check(self):
         at_least(self, 1, "threads")
+        at_least(self, 0, "device_id", "local_rank")
 
 
 @dataclass(frozen=True)
@@ -339,7 +374,12 @@ class OptimConfig(Section):
 
     def check(self):
         at_least(self, 1, "batch_size", "lr_base_size")
-        at_least(self, 0, "clip_grad")
+        at_most(self, MAX_BATCH, "batch_size", why=" per device")
+        at_least(self, 0, "clip_grad", "lr", "lr_base", "weight_decay")
+        if not 0 <= self.momentum <= 1:
+            raise ConfigError("--momentum must be in [0, 1]")
+        if not 0 <= self.smoothing < 1:
+            raise ConfigError("--smoothing must be in [0, 1) (the share of the target moved to the other classes)")
 
 
 @dataclass(frozen=True)
@@ -363,6 +403,9 @@ class SchedConfig(Section):
         at_least(self, 1, "epochs")
         if self.warmup_epochs < 0 or self.cooldown_epochs < 0:
             raise ConfigError("--warmup-epochs and --cooldown-epochs must be 0 or more")
+        at_least(self, 0, "warmup_lr", "min_lr")
+        if not self.decay_rate > 0 or not self.decay_epochs > 0:
+            raise ConfigError("--decay-rate and --decay-epochs must be positive")
         if not peak_epoch_ok(self.sched, self.lr_peak_epoch, self.epochs):
             raise ConfigError(f"--lr-peak-epoch must be in [0, --epochs) for linear-step "
                               f"(got {self.lr_peak_epoch} with {self.epochs} epochs)")
@@ -427,10 +470,15 @@ class RunConfig(Section):
     performance: bool = option(False, "measure FPS: warm-up steps, then --perf-steps timed steps; print JSON")
     perf_steps: int = option(100, "timed steps of --performance")
     perf_warmup: int = option(20, "untimed steps before measuring")
+    nonfinite_loss: str = option("stop", "a NaN or infinite training loss (checked at each --log-interval and "
+                                 "before every checkpoint): stop the run, keeping the last good checkpoint; skip: "
+                                 "drop such updates and count them (the run stops after 25 consecutive ones)",
+                                 choices=("stop", "skip"))
 
     def check(self):
         at_least(self, 1, "val_interval", "perf_steps")
-        at_least(self, 0, "perf_warmup")
+        at_least(self, 0, "perf_warmup", "seed")
+        at_most(self, 2 ** 63 - 1, "seed")
         if self.stop_after is not None and self.stop_after < 1:
             raise ConfigError("--stop-after must be at least 1 (epochs to train in this run)")
         try:

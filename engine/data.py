@@ -89,6 +89,10 @@ def has_validation(args, d: Dist, info) -> bool:
     if not found and not (args.no_val or args.performance):
         d.say(f"warning: {args.data_root} has no validation split: no validation and no best.pth "
               "(make_shards writes one from SRC/val/)")
+    if found and not info.split("validation").num_samples:  # 0 images validated is no result
+        if not (args.no_val or args.performance):
+            d.say(f"warning: {args.data_root}: the validation split lists 0 samples: no validation and no best.pth")
+        return False
     return found
 
 

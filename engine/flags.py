@@ -172,6 +172,11 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[dict, list[
         choices = actions[key].choices
         if value is None or (value == "" and not (choices and "" in choices)):
             continue  # timm writes unset settings as '' or null: keep our default
+        if any(isinstance(v, str) and v.strip().startswith("pipe:") for v in (value if isinstance(value, list)
+                                                                            else [value])):
+            # a pipe: source runs a shell command: only one typed on this command line may run
+            parser.error(f"config {path}: {key} {value!r} is a shell command (pipe:), which runs only when typed "
+                         f"on the command line: pass --{key.replace('_', '-')} explicitly")
         if choices and value not in choices:
             parser.error(f"config {path}: {key} {value!r} is not one of {', '.join(map(repr, choices))}")
         out[key] = value

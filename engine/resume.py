@@ -52,12 +52,13 @@ def _progress_rows(rows, workers: int) -> bool:
                     for r in rows))
 
 
-def start_position(pos: dict, path: str, data, d, batch_size: int, allow_other_data: bool):
+def start_position(pos: dict, path: str, data, d, batch_size: int, allow_other_data: bool, order=None):
     """(epoch, step, this rank's loader progress, elastic) to start at; a checkpoint from another
     data set is refused (unless --allow-other-data); a mid-epoch one whose plan this run cannot
-    reproduce (world size, workers, batch size) finishes the epoch with the samples it had not
-    consumed. `elastic`: None, or {"remainder": ids or None, "consumed": packed bitmap, "planned",
-    "seed"} for the loader's set_epoch and the next checkpoint."""
+    reproduce (world size, workers, batch size, and the `order` settings that change which sample
+    comes when: shuffle buffer, its byte budget, the per-sample byte limit) finishes the epoch with
+    the samples it had not consumed. `elastic`: None, or {"remainder": ids or None, "consumed":
+    packed bitmap, "planned", "seed"} for the loader's set_epoch and the next checkpoint."""
     epoch, step, steps_per_epoch = pos["epoch"], pos["step"], len(data.train)
     workers = getattr(data.train, "num_workers", 0)
     theirs, ours = pos.get("data"), data.identity
@@ -76,6 +77,7 @@ def start_position(pos: dict, path: str, data, d, batch_size: int, allow_other_d
         return epoch, 0, None, None
     plan = {"world": d.world, "workers": workers, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}
     changed = {k: (pos.get(k), v) for k, v in plan.items() if pos.get(k) != v}
+    changed.update({k: (pos[k], v) for k, v in (order or {}).items() if k in pos and pos[k] != v})  # if recorded
     if step > steps_per_epoch and not changed:
         raise CheckpointError(f"checkpoint {path}: step {step} is past the {steps_per_epoch} steps of an epoch")
     progress = pos.get("progress")

@@ -21,6 +21,7 @@ from .builder import Parts, build_parts
 from .control import Control, Preempted, reason
 from .data import Data
 from .dist import Dist, distribute_bn
+from .guards import LossGuard, NonFiniteLoss, sample_order, weights_finite
 from .inference import as_percent, evaluate
 from .resolved import plain_config
 from .resume import elastic_record
@@ -45,6 +46,8 @@ class Trainer:
         self.totals = {"images": 0, "seconds": 0.0, "wait": 0.0, "loss": []}  # for the run summary
         self.history = []  # (epoch, kind, result) of every complete validation of this run
         self.control = None  # installed by fit()
+        self.loss_guard = LossGuard(getattr(self.config, "nonfinite_loss", "stop"))
+        self._where = (0, 0)  # (epoch, step) of the update being made, for the non-finite loss line
 
     @property
     def sched_cfg(self):
@@ -66,10 +69,20 @@ class Trainer:
     def step(self, images, labels, global_step: int) -> torch.Tensor:
         """One optimizer update; returns the loss as a device tensor (no host sync)."""
         self.schedule.step(global_step)
+        if self.loss_guard.skip:  # a dropped update must not leave a bad batch in the BN statistics
+            buffers = [b.detach().clone() for b in self.plain.buffers()]
         with self.precision.autocast():
             loss = self.criterion(self.model(images), labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.backward(loss, self.optimizer)
+        if self.loss_guard.skip:  # --nonfinite-loss skip: every rank drops the update if any rank's loss is bad
+            bad = self.d.all_reduce([float(not torch.isfinite(loss.detach()).item())])[0]
+            if not self.loss_guard.keep(not bad, *self._where):
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for b, kept in zip(self.plain.buffers(), buffers):
+                        b.copy_(kept)
+                return None
         if self.clip_params is not None:
             from timm.utils import dispatch_clip_grad
             self.precision.unscale_(self.optimizer)
@@ -166,6 +179,17 @@ class Trainer:
             tail = "no --output, so no checkpoint was written"
         raise Preempted(f"stopped ({reason(code)}): {tail}")
 
+    def check_finite(self, loss_sum, epoch: int, step: int) -> None:
+        """Before a checkpoint: the unlogged losses and the weights are finite on every rank (one
+        sync per checkpoint); never save non-finite weights over the last good checkpoint."""
+        ok = bool(torch.isfinite(loss_sum).item()) and weights_finite(
+            self.plain, self.ema.module if self.ema is not None else None)
+        if self.d.all_reduce([float(not ok)])[0]:
+            where = f"epoch {epoch} step {step}" if step else f"the end of epoch {epoch}"
+            raise NonFiniteLoss(f"{where}: the weights or the training loss are not finite "
+                                "(diverged); stopped without saving: lower --lr or check the data. The last "
+                                "checkpoint written is the last good one")
+
     def save_position(self, epoch: int, step: int, consumed: int) -> None:
         """A checkpoint at `step` of `epoch` (every rank calls it at the same step): each rank's
         loader progress is gathered, rank 0 writes last.pth, and all wait for the write."""
@@ -189,7 +213,8 @@ class Trainer:
         return {"epoch": epoch, "step": step, "global_step": epoch * self.steps_per_epoch + step,
                 "steps_per_epoch": self.steps_per_epoch, "world": self.d.world,
                 "workers": getattr(self.data.train, "num_workers", 0),
-                "batch_size": self.config.batch_size, "progress": progress, "data": self.data.identity}
+                "batch_size": self.config.batch_size, "progress": progress, "data": self.data.identity,
+                **sample_order(self.config)}
 
     def _elastic(self, epoch: int, bitmaps) -> dict | None:
         """The position's record of the samples every rank consumed in `epoch` (engine/resume.py):
@@ -233,7 +258,7 @@ class Trainer:
         control = self.control
         it = iter(self.data.feed(loader))
         loss_sum = torch.zeros((), device=self.dev.torch)
-        window_start, wait, n_window = time.perf_counter(), 0.0, 0
+        window_start, wait, n_window, n_losses = time.perf_counter(), 0.0, 0, 0
         for i in range(start, steps):
             t0 = time.perf_counter()
             batch = next(it, None)
@@ -242,13 +267,18 @@ class Trainer:
             images, labels = batch
             wait += time.perf_counter() - t0
             global_step = epoch * steps + i
-            loss_sum += self.step(images, labels, global_step)
+            self._where = (epoch, i + 1)
+            loss = self.step(images, labels, global_step)
+            if loss is not None:  # None: a non-finite update dropped (--nonfinite-loss skip)
+                loss_sum += loss
+                n_losses += 1
             n_window += 1
             halt, save_now = control.poll()  # agreed one step ago on every rank; no device sync
             if (i + 1) % args.log_interval == 0 or i + 1 == steps:
                 padded = loader.stats()["padded"] - padded_before
-                loss, padded = d.all_reduce([loss_sum.item() / n_window, padded])  # the only host sync
+                loss, padded = d.all_reduce([loss_sum.item() / max(n_losses, 1), padded])  # the only host sync
                 loss /= d.world
+                LossGuard.check(loss, epoch, i + 1)  # a NaN/inf loss: stop before anything is saved
                 if padded > limit:
                     raise DataLoadingError(
                         f"more than {args.max_missing:.0%} of epoch {epoch} is missing ({int(padded):,} of "
@@ -268,8 +298,9 @@ class Trainer:
                                    data_wait=wait / elapsed)
                 self._count(n_window, elapsed, wait, loss)
                 loss_sum.zero_()
-                window_start, wait, n_window = time.perf_counter(), 0.0, 0
+                window_start, wait, n_window, n_losses = time.perf_counter(), 0.0, 0, 0
             if halt or save_now or (control.steps_due(global_step + 1) and i + 1 < steps):
+                self.check_finite(loss_sum, epoch, i + 1)
                 self.save_position(epoch, i + 1, i + 1 - start)
                 if halt:
                     self._stop(halt, epoch, i + 1)
@@ -292,10 +323,13 @@ class Trainer:
                           self.d.all_reduce([sums[k] for k in ("n", "loss", "top1", "top5")])))
         result = as_percent(totals)
         expected = self.data.val_samples
-        result["complete"] = not expected or result["n"] >= expected
+        # 0 images validated is no result: never complete, never best.pth
+        result["complete"] = result["n"] > 0 and (not expected or result["n"] >= expected)
         n = result["n"]
         note = "" if result["complete"] else (f"; INCOMPLETE: {expected - int(n)} of {expected} images "
-                                              "missing (see the data problems line), not used for best.pth")
+                                              "missing (see the data problems line), not used for best.pth"
+                                              if n else "; no image was validated: no result, not used for "
+                                              "best.pth")
         self.d.say(f"epoch {epoch} validation{' (EMA)' if kind == 'val_ema' else ''}: "
                    f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
                    f"loss {result['loss']:.4f}  ({result['n']} images{note})")
@@ -326,6 +360,8 @@ class Trainer:
         return stats
 
     def save(self, epoch: int, result: dict | None) -> None:
+        if self.saver is not None or self.d.world > 1:  # every rank joins the check's all-reduce
+            self.check_finite(torch.zeros(()), epoch, 0)
         if not self.saver:
             return
         metric = result["top1"] if result and result.get("complete", True) else None
@@ -380,7 +416,7 @@ class Trainer:
             "loader": None if args.synthetic else args.loader,
             "model": args.model, "img_size": int(images.shape[-1]), "channels_last": args.channels_last,
             "compile": args.torchcompile, "compile_mode": args.compile_mode, "seconds": round(elapsed, 3),
-            "final_loss": round(float(last), 4),
+            "final_loss": round(float(last), 4) if last is not None else None,
             "peak_mem_gb": round(self.dev.max_memory_allocated() / 2**30, 3),
             "torch": torch.__version__, "num_classes": self.data.num_classes, "workers": self.data.workers,
             "settings": compute_settings(self.dev, self.precision, args.channels_last),

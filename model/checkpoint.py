@@ -70,13 +70,38 @@ def save_checkpoint(path: str, state: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, (OSError, RuntimeError)):
+            raise CheckpointWriteError(_write_failure(e, folder, path)) from None
         raise
     _fsync_dir(folder)  # make the rename itself durable
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, lost mount): a fault during the run."""
+
+    exit_code = 1
+
+
+def _write_failure(e: BaseException, folder: str, path: str) -> str:
+    """One line for a failed checkpoint write; torch.save reports a full disk as a RuntimeError."""
+    import errno
+    import shutil
+    try:
+        full = shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        full = False
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or full:
+        why = f"no space left on the device of {folder}"
+    else:
+        text = str(e).strip()
+        why = getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
+    kept = "is kept" if os.path.exists(path) else "was never written"
+    return f"cannot write {path}: {why}; the previous {os.path.basename(path)} {kept}, no temporary file is left"
 
 
 def _umask() -> int:
