@@ -30,8 +30,8 @@ from .config import Config, parse_interval
 from .control import Control
 from .data import Data
 from .dist import Dist, setup_distributed, sync_batchnorm
-from .inference import with_model_eval_defaults
 from .guards import sample_order
+from .inference import with_model_eval_defaults
 from .metrics import Metrics
 from .monitor import Monitor
 from .resolved import NOT_FLAGS, Resolved, plain_config, resolve
