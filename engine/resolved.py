@@ -65,7 +65,7 @@ def jitter_place(config, device_type: str) -> str | None:
     more per image (BENCHMARKS.md, section "The reference recipe's augmentation in the loader"),
     else the device."""
     aug, data = config.augment, config.data
-    if aug.color_jitter <= 0 or aug.aa:
+    if aug.color_jitter <= 0 or (aug.aa and "3a" not in aug.aa):  # timm keeps colour jitter with 3a
         return None
     if aug.jitter_in != "auto":
         return aug.jitter_in
