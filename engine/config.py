@@ -128,8 +128,10 @@ class Section:
 @dataclass(frozen=True)
 class DataConfig(Section):
     GROUP = "data"
-    data_path: str | None = option(None, "shard folder with _info.json, an http(s):// root, or a 'pipe:...{}...' "
-                                   "command template (default: the built-in demo dataset)",
+    data_path: str | None = option(None, "shard folder with _info.json, an http(s):// root, a 'pipe:...{}...' "
+                                   "command template, or an ImageFolder (train/ and val/ class folders, or one "
+                                   "folder of class folders: sharded once into --demo-dir, for a quick try) "
+                                   "(default: the built-in demo dataset)",
                                    "--data_path", "--data-path", metavar="PATH")
     workers: int | None = option(None, "loader workers per process (default: cores per process - 1, at most 12)",
                                  "-j", "--workers", type=int)
@@ -152,7 +154,8 @@ class DataConfig(Section):
     use_multi_epochs_loader: bool = option(True, "persistent loader workers across epochs (default: on)",
                                            negatable=True)
     synthetic: bool = option(False, "device-resident random batches instead of data (compute-only speed)")
-    demo_dir: str = option(".demo", "where the demo data is made and cached")
+    demo_dir: str = option(".demo", "where the demo data, and the shards of an ImageFolder --data_path, are made "
+                           "and cached")
     max_missing: float = option(0.02, "stop the run when more than this fraction of an epoch's training samples "
                                 "is missing (damaged or unreadable data, replaced by repeats)",
                                 group="run", metavar="FRACTION")

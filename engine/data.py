@@ -113,6 +113,9 @@ def make_data(args: Resolved, d: Dist) -> Data:
         raise ConfigError(f"--decode gpu needs a CUDA device (nvJPEG); this run is on {dev.type}")
     if args.demo:
         prepare_demo(args, d)
+    elif args.image_folder:
+        from .folder import prepare_folder
+        prepare_folder(args, d)
     remote = remote_options(args, d)
     info = load_info(args.data_root, remote) if args.data_root else None
     if info is not None and not args.synthetic and info.num_classes < 1 and args.num_classes is None:

@@ -207,3 +207,27 @@ def test_grad_accumulation_resumes_exactly_at_an_update_boundary(demo_shards, tm
         assert torch.equal(a[k], b[k]), k
     rows = [r for r in read_metrics(whole / "r") if r["kind"] == "train"]
     assert rows[-1]["step"] == len(rows)  # one row per update: steps count updates
+
+
+@pytest.mark.parametrize("split", ["", "train"])
+def test_an_imagefolder_data_path_is_sharded_once_and_streamed(demo_folder, tmp_path, split):
+    """train/ and val/ class folders, or one folder of class folders (no validation then)."""
+    from engine.data import make_data
+    from engine.dist import setup_distributed
+    from pipeline.info import load_info
+    source = demo_folder / split if split else demo_folder
+    config, _ = parse_config(["--data_path", str(source), "-j", "0", "--img-size", "32", "-b", "8", "--no-output",
+                              "--demo-dir", str(tmp_path / "cache")])
+    run = resolve(config)
+    assert run.image_folder and str(tmp_path / "cache") in run.data_root
+    d = setup_distributed("cpu", 0, None)
+    data = make_data(run, d)
+    assert data.num_classes == 6 and data.classes == tuple(sorted(p.name for p in (demo_folder / "train").iterdir()))
+    assert (data.val is None) == bool(split)
+    info = load_info(run.data_root)
+    assert info.split("train").num_samples == len(list((demo_folder / "train").rglob("*.*")))
+    data.train.set_epoch(0)
+    images, labels = next(iter(data.feed(data.train)))
+    assert images.shape[0] == 8 and labels.max() < 6
+    again = make_data(resolve(config), d)  # the cache is confirmed, not rebuilt
+    assert again.identity == data.identity
