@@ -81,6 +81,19 @@ def test_plateau_follows_the_eval_metric_and_is_restored_on_resume(tmp_path):
     assert again.schedule.state_dict()["plateau"] == s.state_dict()["plateau"]
 
 
+@pytest.mark.parametrize("metric,cuts", [("loss", 2), ("top1", 0)])
+def test_fit_feeds_the_eval_metric_to_plateau_after_each_validation(metric, cuts):
+    """Losses 2, 3, 4 (worse each epoch) with top-1 30, 40, 50 (better): only a loss metric cuts."""
+    trainer = Trainer(parts_of("--sched", "plateau", "--eval-metric", metric, "--epochs", "3", "--warmup-epochs", "0",
+                               "--patience-epochs", "0", "--decay-rate", "0.5", "--lr", "0.1"))
+    results = [{"top1": 30.0 + 10 * e, "top5": 90.0, "loss": 2.0 + e, "n": 10, "complete": True} for e in range(3)]
+    trainer.train_epoch = lambda epoch, epochs, start=0: trainer.steps_per_epoch
+    trainer.validate = lambda epoch, model=None, kind="val": results[epoch]
+    trainer.data_stats = dict
+    trainer.fit()
+    assert trainer.schedule.lr(3 * trainer.updates_per_epoch) == pytest.approx(0.1 * 0.5 ** cuts)
+
+
 def test_eval_metric_loss_ranks_lowest_first(tmp_path):
     parts = parts_of()
     from model.checkpoint import CheckpointSaver
@@ -231,3 +244,36 @@ def test_an_imagefolder_data_path_is_sharded_once_and_streamed(demo_folder, tmp_
     assert images.shape[0] == 8 and labels.max() < 6
     again = make_data(resolve(config), d)  # the cache is confirmed, not rebuilt
     assert again.identity == data.identity
+
+
+@pytest.mark.slow
+def test_grad_accumulation_resumes_exactly_mid_epoch_at_an_update_boundary(demo_shards, tmp_path):
+    """Stopped (as by SIGTERM) after 5 updates of 2 batches, resumed: the weights of the run that
+    was never stopped, to the bit."""
+    import signal
+
+    from conftest import make_trainer
+
+    from engine.control import Preempted
+    base = ["--data_path", str(demo_shards), "--model", "resnet10t", "--img-size", "32", "-b", "4", "-j", "1",
+            "--epochs", "1", "--warmup-epochs", "0", "--lr", "0.05", "--grad-accum-steps", "2", "--no-val",
+            "--shuffle-buffer", "16", "--no-amp", "--log-interval", "3", "--experiment", "r"]
+    whole = make_trainer([*base, "--output", str(tmp_path / "whole")])
+    whole.fit()
+    part = make_trainer([*base, "--output", str(tmp_path / "part")])
+    polls, real = iter(range(10 ** 6)), part.parts.control.poll
+
+    def poll():
+        stop, save = real()
+        return (signal.SIGTERM if next(polls) == 4 else stop), save
+    part.parts.control.poll = poll
+    with pytest.raises(Preempted):
+        part.fit()
+    last = tmp_path / "part" / "r" / "last.pth"
+    pos = torch.load(last, weights_only=False)["position"]
+    assert (pos["step"], pos["global_step"]) == (10, 5)  # loader batches, optimizer updates
+    resumed = make_trainer([*base, "--output", str(tmp_path / "part"), "--resume", str(last)])
+    assert (resumed.start.epoch, resumed.start.step) == (0, 10)
+    resumed.fit()
+    for a, b in zip(whole.plain.state_dict().values(), resumed.plain.state_dict().values()):
+        assert torch.equal(a, b)
