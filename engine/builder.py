@@ -20,7 +20,8 @@ import torch
 
 from model.checkpoint import CheckpointSaver, resume
 from model.factory import compile_model, create_model
-from model.optim import OPTIMIZERS, create_optimizer
+from model.loss import create_loss
+from model.optim import build_optimizer, default_lr_base_scale
 from model.precision import Precision
 from model.schedule import LRSchedule, ScheduleConfig, scale_lr
 from pipeline.resolution import ResolutionSchedule
@@ -109,6 +110,8 @@ def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
     m, o, s = cfg.network, cfg.optim, cfg.schedule
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     extra = {} if m.drop_path is None else {"drop_path_rate": m.drop_path}
+    if m.drop:  # timm's --drop; left out at 0 so models without the argument still build
+        extra["drop_rate"] = m.drop
     model = create_model(m.model, num_classes=data.num_classes, zero_init_last=m.zero_init_last,
                          channels_last=m.channels_last, device=dev, pretrained=m.pretrained,
                          pretrained_path=m.pretrained_path, checkpoint_path=m.initial_checkpoint or None,
@@ -118,17 +121,20 @@ def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
     if cfg.dist.sync_bn:
         model = sync_batchnorm(model, d)
         dist_bn = ""  # as timm: synchronised BN needs no statistics averaging
-    global_batch = o.batch_size * d.world
-    lr = o.lr if o.lr is not None else scale_lr(o.lr_base, global_batch, o.lr_base_size, o.lr_base_scale or "linear")
-    optimizer, opt_desc = create_optimizer(model, lr, o.momentum, o.weight_decay, OPTIMIZERS[o.opt], dev,
-                                           apex=cfg.precision.apex_amp)
+    global_batch = o.batch_size * d.world * o.grad_accum_steps  # as timm: the batch of one update
+    scaling = o.lr_base_scale or default_lr_base_scale(o.opt)  # timm: sqrt for Ada*/LAMB, else linear
+    lr = o.lr if o.lr is not None else scale_lr(o.lr_base, global_batch, o.lr_base_size, scaling)
+    optimizer, opt_desc = build_optimizer(o.opt, model, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                                          eps=o.opt_eps, betas=o.opt_betas, device=dev, apex=cfg.precision.apex_amp)
     precision = precision_for(cfg, dev, say=d.say)
     model, optimizer = precision.prepare(model, optimizer)
-    steps_per_epoch = len(data.train)
+    steps_per_epoch = updates_per_epoch(len(data.train), o.grad_accum_steps)
     schedule = LRSchedule(optimizer, ScheduleConfig(
         lr, s.epochs, steps_per_epoch, sched=s.sched, warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
         min_lr=s.min_lr, decay_epochs=s.decay_epochs, decay_rate=s.decay_rate, cooldown_epochs=s.cooldown_epochs,
-        on_updates=s.sched_on_updates, peak_epoch=s.lr_peak_epoch))
+        on_updates=s.sched_on_updates and s.sched != "plateau",  # plateau: once per epoch, after evaluation
+        peak_epoch=s.lr_peak_epoch, decay_milestones=s.decay_milestones, patience_epochs=s.patience_epochs,
+        plateau_mode="min" if cfg.outputs.eval_metric == "loss" else "max"))
     ema = None
     if m.model_ema:
         from timm.utils import ModelEmaV3
@@ -140,13 +146,24 @@ def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
         # The schedule is not restored: the LR is a pure function of (step, schedule), and this
         # run's flags and world size decide it, so a resume on another number of devices keeps
         # the right curve.
-        state = resume(run.resume, model, optimizer, precision, dev, restore_rng=d.main, model_name=m.model, ema=ema)
+        # (the plateau schedule's state, which metrics decide, is restored)
+        keep_opt = not cfg.run.no_resume_opt  # timm's --no-resume-opt: weights (and EMA) only
+        state = resume(run.resume, model, optimizer if keep_opt else None, precision if keep_opt else None, dev,
+                       restore_rng=d.main, model_name=m.model, ema=ema)
+        schedule.load_state_dict(state.get("schedule") or {})
         pos = state["position"]
         epoch, step, progress, elastic = start_position(pos, run.resume, data, d, o.batch_size,
                                                         cfg.run.allow_other_data, order=sample_order(cfg))
+        if step % o.grad_accum_steps and step < len(data.train) and elastic is None:  # another --grad-accum-steps
+            d.say(f"resume: {run.resume} stopped inside an update of {o.grad_accum_steps} batches; continuing at "
+                  f"the start of epoch {epoch + 1}")
+            epoch, step, progress = epoch + 1, 0, None
         start = Start(epoch, step, progress, run.resume, state["best_metric"], elastic)
         d.say(f"resume: {run.resume}: resuming at epoch {epoch} step {step}/{steps_per_epoch}")
         resume_at = (epoch, pos.get("global_step", epoch * steps_per_epoch))
+    if cfg.run.start_epoch is not None:  # timm's --start-epoch: wins over the checkpoint's epoch
+        start = Start(cfg.run.start_epoch, 0, None, start.path, start.best)
+        resume_at = (cfg.run.start_epoch, cfg.run.start_epoch * steps_per_epoch) if start.path else None
     run_dir = run.run_dir if d.main else None
     saver = CheckpointSaver(run_dir, dev, start.best, hist=cfg.outputs.checkpoint_hist,
                             extra={"num_classes": data.num_classes, "classes": list(data.classes)}) if run_dir else None
@@ -158,11 +175,9 @@ def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
     resolution = ResolutionSchedule.from_args(cfg)
     if m.torchcompile:  # static shapes: one graph per training size (model.factory.compile_model)
         model = compile_model(model, m.torchcompile, m.compile_mode, sizes=len(resolution.sizes(s.epochs)))
-    if cfg.augment.mixup_active:  # as timm: smoothing is inside the mixed targets
-        from timm.loss import SoftTargetCrossEntropy
-        criterion = SoftTargetCrossEntropy()
-    else:
-        criterion = torch.nn.CrossEntropyLoss(label_smoothing=o.smoothing)
+    criterion, loss_desc = create_loss(mixup=cfg.augment.mixup_active, smoothing=o.smoothing, bce=o.bce_loss,
+                                       bce_target_thresh=o.bce_target_thresh, bce_sum=o.bce_sum,
+                                       bce_pos_weight=o.bce_pos_weight, device=dev.torch)
     clip_params = None
     if o.clip_grad is not None:
         from timm.models import model_parameters
@@ -176,6 +191,9 @@ def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
     parts = Parts(run, d, data, model, plain, optimizer, precision, schedule, ema, criterion, clip_params,
                   resolution, lr, start, saver, metrics, monitor, control, dist_bn)
     describe(parts, opt_desc, global_batch)
+    if o.bce_loss or o.grad_accum_steps > 1:
+        d.say(f"loss: {loss_desc}" + (f"; gradients of {o.grad_accum_steps} batches per update, {steps_per_epoch} "
+                                      "updates/epoch" if o.grad_accum_steps > 1 else ""))
     return parts
 
 
@@ -190,6 +208,12 @@ def wrap_ddp(model: torch.nn.Module, device_ids, broadcast_buffers: bool) -> tor
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`broadcast_buffers` is deprecated", category=FutureWarning)
         return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True, **kw)
+
+
+def updates_per_epoch(batches: int, accum: int) -> int:
+    """Optimizer updates in an epoch of `batches` loader batches, `accum` per update: timm 1.0's
+    (batches + accum - 1) // accum (the last update takes the remainder)."""
+    return (batches + accum - 1) // accum
 
 
 def record_config(run: Resolved, run_dir: str | None, metrics: Metrics) -> None:
@@ -214,7 +238,7 @@ def describe(p: Parts, opt_desc: str, global_batch: int) -> None:
         f"{', BlurPool' if m.blurpool else ''}"
         f"{', EMA %g' % m.model_ema_decay if p.ema else ''}")
     say(f"optimizer: {opt_desc}; LR {p.lr:g} for global batch {global_batch}, "
-        f"{s.sched} schedule stepped per {'update' if s.sched_on_updates else 'epoch'}")
+        f"{s.sched} schedule stepped per {'update' if p.schedule.cfg.on_updates else 'epoch'}")
     say(f"precision: {p.precision.describe()}")
     r = p.resolution
     if r.progressive:

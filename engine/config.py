@@ -57,7 +57,14 @@ from model.recipe import (
     peak_epoch_ok,
 )
 from model.registry import unknown_model_message
+from pipeline.geometry import DEFAULT_HFLIP, DEFAULT_RATIO, DEFAULT_SCALE, DEFAULT_VFLIP, check_train_crop
 from pipeline.shards import MAX_SAMPLE_BYTES, SHUFFLE_BYTES
+
+# timm 1.0 train.py defaults of the options it has and the reference run does not set
+# (--decay-milestones, --patience-epochs; model.schedule has the same values)
+TIMM_DECAY_MILESTONES = (90, 180, 270)
+TIMM_PATIENCE_EPOCHS = 10
+EVAL_METRICS = ("top1", "top5", "loss")  # timm's --eval-metric values here; loss: lower is better
 
 # The demo: the real model on a small learnable dataset at 64 px, short enough for a 2-core CPU
 # (README: time and accuracy). Its schedule steps per update: with the reference's per-epoch
@@ -147,8 +154,10 @@ class Section:
 @dataclass(frozen=True)
 class DataConfig(Section):
     GROUP = "data"
-    data_path: str | None = option(None, "shard folder with _info.json, an http(s):// root, or a 'pipe:...{}...' "
-                                   "command template (default: the built-in demo dataset)",
+    data_path: str | None = option(None, "shard folder with _info.json, an http(s):// root, a 'pipe:...{}...' "
+                                   "command template, or an ImageFolder (train/ and val/ class folders, or one "
+                                   "folder of class folders: sharded once into --demo-dir, for a quick try) "
+                                   "(default: the built-in demo dataset)",
                                    "--data_path", "--data-path", "--data-dir", metavar="PATH")
     workers: int | None = option(None, "loader workers per process (default: cores per process - 1, at most 12)",
                                  "-j", "--workers", type=int)
@@ -173,7 +182,8 @@ class DataConfig(Section):
     use_multi_epochs_loader: bool = option(True, "persistent loader workers across epochs (default: on)",
                                            negatable=True)
     synthetic: bool = option(False, "device-resident random batches instead of data (compute-only speed)")
-    demo_dir: str = option(".demo", "where the demo data is made and cached")
+    demo_dir: str = option(".demo", "where the demo data, and the shards of an ImageFolder --data_path, are made "
+                           "and cached")
     max_missing: float = option(0.02, "stop the run when more than this fraction of an epoch's training samples "
                                 "is missing (damaged or unreadable data, replaced by repeats)",
                                 group="run", metavar="FRACTION")
@@ -250,8 +260,20 @@ class AugmentConfig(Section):
     jitter_in: str = option("auto", "where colour jitter runs: batched on the device, or per image in the loader "
                             "workers; auto: the workers when training on the CPU (cheaper there), else the device",
                             choices=("auto", "device", "workers"))
-    aa: str | None = option(None, "RandAugment policy, e.g. rand-m9-mstd0.5, in the workers (turns colour jitter "
-                            "off; default: none)", metavar="POLICY")
+    aa: str | None = option(None, "augmentation policy in the workers: RandAugment rand-m9-mstd0.5, AutoAugment "
+                            "original, originalr, v0, v0r or 3a (each optionally -mstd<x>), augmix-m3-w3-d-1, or "
+                            "trivial (turns colour jitter off, except with 3a, as timm; default: none)",
+                            metavar="POLICY")
+    scale: tuple[float, float] = option(DEFAULT_SCALE, "random resized crop: area fraction range", type=float,
+                                        nargs=2, metavar=("MIN", "MAX"))
+    ratio: tuple[float, float] = option(DEFAULT_RATIO, "random resized crop: aspect ratio range", type=float,
+                                        nargs=2, metavar=("MIN", "MAX"))
+    hflip: float = option(DEFAULT_HFLIP, "horizontal flip probability")
+    vflip: float = option(DEFAULT_VFLIP, "vertical flip probability")
+    mean: tuple[float, ...] | None = option(None, "normalisation mean, 1 or 3 values (default: ImageNet's)",
+                                            type=float, nargs="+", metavar="MEAN")
+    std: tuple[float, ...] | None = option(None, "normalisation std, 1 or 3 values (default: ImageNet's)",
+                                           type=float, nargs="+", metavar="STD")
     reprob: float = option(0.0, "random erasing probability per image")
     remode: str = option("const", "random erasing fill (default: const, the port's train.py l.210; timm 1.0: pixel)",
                          choices=("pixel", "rand", "const"))
@@ -268,6 +290,20 @@ class AugmentConfig(Section):
     def check(self):
         if self.cutmix_minmax is not None:
             object.__setattr__(self, "cutmix_minmax", tuple(self.cutmix_minmax))  # a YAML/argparse list
+        try:
+            crop = check_train_crop(self.scale, self.ratio, self.hflip, self.vflip)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"--scale/--ratio/--hflip/--vflip: {e}") from None
+        for name, value in zip(("scale", "ratio"), crop):
+            object.__setattr__(self, name, value)
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None:
+                values = tuple(float(v) for v in (values if isinstance(values, (list, tuple)) else [values]))
+                object.__setattr__(self, name, values)
+                if len(values) not in (1, 3) or (name == "std" and min(values) <= 0):
+                    raise ConfigError(f"--{name} needs 1 or 3 values{' > 0' if name == 'std' else ''} (got "
+                                      f"{' '.join(map(str, values))})")
         at_least(self, 1, "recount")
         fraction(self, "reprob", "mixup_prob", "mixup_switch_prob")
         at_least(self, 0, "color_jitter", "mixup", "cutmix", "mixup_off_epoch")
@@ -275,11 +311,20 @@ class AugmentConfig(Section):
         if self.cutmix_minmax is not None and not 0 <= self.cutmix_minmax[0] < self.cutmix_minmax[1] <= 1:
             raise ConfigError("--cutmix-minmax needs 0 <= MIN < MAX <= 1")
         if self.aa is not None:
-            from pipeline.randaugment import RandAugment
             try:
-                RandAugment(self.aa)
-            except ValueError as e:
-                raise ConfigError(f"--aa: {e}") from None
+                if self.aa.split("-")[0] == "rand":
+                    from pipeline.randaugment import RandAugment
+                    RandAugment(self.aa)
+                else:  # timm's policies (imports torch, only when one is asked for)
+                    from pipeline.autoaugment import create_augment
+                    create_augment(self.aa, 224)
+            except (ValueError, KeyError, AssertionError) as e:
+                raise ConfigError(f"--aa {self.aa}: {str(e).strip() or type(e).__name__}") from None
+
+    @property
+    def crop_changed(self) -> bool:
+        """Whether the crop or flips differ from timm's defaults (our loader's workers only)."""
+        return (self.scale, self.ratio, self.hflip, self.vflip) != check_train_crop()
 
     @property
     def mixup_active(self) -> bool:
@@ -304,6 +349,7 @@ class ModelConfig(Section):
                                          "--pretrained)", metavar="FILE")
     initial_checkpoint: str | None = option(None, "load these weights after initialisation (weights only; "
                                             "--resume continues a run)", metavar="PATH")
+    drop: float = option(0.0, "dropout rate before the classifier (timm's drop_rate)")
     drop_path: float | None = option(None, "drop path (stochastic depth) rate (default: the model's, none for "
                                      "ResNets)", type=float)
     model_ema: bool = option(False, "keep, validate and save an EMA of the weights")
@@ -322,6 +368,8 @@ class ModelConfig(Section):
     def check(self):
         if self.drop_path is not None and not 0 <= self.drop_path < 1:
             raise ConfigError("--drop-path must be in [0, 1)")
+        if not 0 <= self.drop < 1:
+            raise ConfigError("--drop must be in [0, 1)")
         if not 0 <= self.model_ema_decay < 1:
             raise ConfigError("--model-ema-decay must be in [0, 1)")
         check_file("--initial-checkpoint", self.initial_checkpoint)
@@ -364,43 +412,80 @@ class OptimConfig(Section):
     lr_base_size: int = option(DEFAULT_BASE_SIZE, "the batch size --lr-base is for")
     lr_base_scale: str = option("", "LR vs global batch: linear or sqrt (default: '', linear, as timm for SGD)",
                                 choices=("", "linear", "sqrt"))
-    opt: str = option("sgd", "sgd/nesterov: SGD with Nesterov momentum; momentum: classical momentum",
-                      choices=tuple(OPTIMIZERS))
+    opt: str = option("sgd", "optimizer: sgd/nesterov: SGD with Nesterov momentum (ours); momentum: classical "
+                      "momentum; or any of timm's names (adamw, lamb, lars, lion, rmsproptf, lookahead_<name>...: "
+                      "timm's create_optimizer_v2)", metavar="NAME")
+    opt_eps: float | None = option(None, "optimizer epsilon (timm's optimizers; default: the optimizer's)",
+                                   type=float, metavar="EPSILON")
+    opt_betas: tuple[float, ...] | None = option(None, "optimizer betas (timm's optimizers; default: the "
+                                                 "optimizer's)", type=float, nargs="+", metavar="BETA")
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(1e-4, "weight decay (none on BN weights and biases)")
     smoothing: float = option(0.1, "label smoothing")
+    bce_loss: bool = option(False, "binary cross-entropy loss (timm's BinaryCrossEntropy) instead of cross-entropy")
+    bce_target_thresh: float | None = option(None, "BCE: targets above this become 1 (default: none)", type=float)
+    bce_sum: bool = option(False, "BCE: sum over classes instead of the mean")
+    bce_pos_weight: float | None = option(None, "BCE: positive class weight (default: none)", type=float)
+    grad_accum_steps: int = option(1, "accumulate the gradients of N batches per optimizer update (the loss is "
+                                   "divided by N; the LR schedule counts updates)", metavar="N")
     clip_grad: float | None = option(None, "clip gradients at this norm (or value; default: no clipping)", type=float)
     clip_mode: str = option("norm", "gradient clipping mode", choices=("norm", "value", "agc"))
 
     def check(self):
-        at_least(self, 1, "batch_size", "lr_base_size")
+        at_least(self, 1, "batch_size", "lr_base_size", "grad_accum_steps")
         at_most(self, MAX_BATCH, "batch_size", why=" per device")
         at_least(self, 0, "clip_grad", "lr", "lr_base", "weight_decay")
         if not 0 <= self.momentum <= 1:
             raise ConfigError("--momentum must be in [0, 1]")
         if not 0 <= self.smoothing < 1:
             raise ConfigError("--smoothing must be in [0, 1) (the share of the target moved to the other classes)")
+        if self.opt_betas is not None:
+            object.__setattr__(self, "opt_betas", tuple(float(b) for b in self.opt_betas))
+        if self.opt_eps is not None and not self.opt_eps > 0:
+            raise ConfigError("--opt-eps must be > 0")
+        if not self.bce_loss and (self.bce_target_thresh is not None or self.bce_sum
+                                  or self.bce_pos_weight is not None):
+            raise ConfigError("--bce-target-thresh, --bce-sum and --bce-pos-weight need --bce-loss")
+        if self.bce_pos_weight is not None and not self.bce_pos_weight > 0:
+            raise ConfigError("--bce-pos-weight must be > 0")
+        if self.opt.lower() not in OPTIMIZERS:  # timm's names: imports timm, only when one is asked for
+            from model.optim import optimizer_names
+            if self.opt.lower() not in optimizer_names() and not (
+                    self.opt.lower().startswith("lookahead_") and self.opt.lower()[10:] in optimizer_names()):
+                raise ConfigError(f"--opt {self.opt}: unknown optimizer; choose sgd, momentum or one of timm's "
+                                  f"({', '.join(optimizer_names()[3:])})")
 
 
 @dataclass(frozen=True)
 class SchedConfig(Section):
     """The schedule's flags; engine.builder turns them into model.schedule.ScheduleConfig."""
     GROUP = "optimizer and schedule"
-    sched: str = option("cosine", "LR schedule: cosine or step after the warmup; linear-step: FFCV's triangle",
-                        choices=SCHEDULES)
+    sched: str = option("cosine", "LR schedule: cosine, step, multistep, poly or plateau after the warmup (timm's); "
+                        "linear-step: FFCV's triangle", choices=SCHEDULES)
     sched_on_updates: bool = option(False, "change the LR every optimizer update (default: once per epoch)")
     epochs: int = option(90, "epochs of the schedule (cooldown comes on top)")
     warmup_epochs: int = option(DEFAULT_WARMUP_EPOCHS, "epochs of linear warmup from --warmup-lr, inside --epochs")
     warmup_lr: float = option(DEFAULT_WARMUP_LR, "LR at the start of the warmup")
     min_lr: float = option(DEFAULT_MIN_LR, "LR at the end of the cosine")
     decay_epochs: float = option(DEFAULT_DECAY_EPOCHS, "step schedule period in epochs", type=float)
-    decay_rate: float = option(DEFAULT_DECAY_RATE, "step schedule LR factor")
+    decay_rate: float = option(DEFAULT_DECAY_RATE, "LR factor of step, multistep and plateau; the power of poly",
+                               "--decay-rate", "--dr")
+    decay_milestones: tuple[int, ...] = option(TIMM_DECAY_MILESTONES, "multistep: epochs at which the LR is "
+                                               "multiplied by --decay-rate", type=int, nargs="+", metavar="EPOCH")
+    patience_epochs: int = option(TIMM_PATIENCE_EPOCHS, "plateau: epochs without improvement of --eval-metric "
+                                  "before the LR is cut")
     cooldown_epochs: int = option(DEFAULT_COOLDOWN_EPOCHS, "epochs at the minimum LR after the cosine")
     lr_peak_epoch: int = option(DEFAULT_LR_PEAK_EPOCH, "linear-step: the LR rises from 1e-4 x lr at epoch 0 to lr "
                                 "here, then falls to 0 at --epochs", group=FAST)
 
     def check(self):
         at_least(self, 1, "epochs")
+        at_least(self, 0, "patience_epochs")
+        object.__setattr__(self, "decay_milestones", tuple(int(m) for m in self.decay_milestones))
+        if list(self.decay_milestones) != sorted(self.decay_milestones) or min(self.decay_milestones, default=0) < 0:
+            raise ConfigError("--decay-milestones must be epochs >= 0 in increasing order")
+        if not self.decay_rate > 0:
+            raise ConfigError("--decay-rate must be > 0")
         if self.warmup_epochs < 0 or self.cooldown_epochs < 0:
             raise ConfigError("--warmup-epochs and --cooldown-epochs must be 0 or more")
         at_least(self, 0, "warmup_lr", "min_lr")
@@ -440,6 +525,8 @@ class OutputConfig(Section):
     log_wandb: bool = option(False, "log to Weights & Biases (needs wandb)")
     wandb_project: str | None = option(None, "W&B project (default: stream-imagenet)")
     log_interval: int = option(50, "steps between log lines (the loop's host syncs)")
+    eval_metric: str = option("top1", "validation metric for best.pth, --checkpoint-hist and --sched plateau "
+                              "(loss: lower is better)", choices=EVAL_METRICS)
 
     def check(self):
         at_least(self, 1, "log_interval")
@@ -463,6 +550,10 @@ class RunConfig(Section):
     allow_other_data: bool = option(False, "resume even when the checkpoint was trained on another data set (its "
                                     "_info.json name, fingerprint or sample count differ); it continues at the "
                                     "next epoch")
+    start_epoch: int | None = option(None, "start at this epoch (with --resume: instead of the checkpoint's; the "
+                                     "LR schedule follows it)", type=int, metavar="EPOCH")
+    no_resume_opt: bool = option(False, "with --resume: restore the weights but not the optimizer and loss-scaler "
+                                 "state")
     no_val: bool = option(False, "skip validation")
     val_interval: int = option(1, "validate and checkpoint every N epochs (and after the last)")
     stop_after: int | None = option(None, "end this run after EPOCHS epochs (continue later with --resume; "
@@ -479,6 +570,7 @@ class RunConfig(Section):
         at_least(self, 1, "val_interval", "perf_steps")
         at_least(self, 0, "perf_warmup", "seed")
         at_most(self, 2 ** 63 - 1, "seed")
+        at_least(self, 0, "start_epoch")
         if self.stop_after is not None and self.stop_after < 1:
             raise ConfigError("--stop-after must be at least 1 (epochs to train in this run)")
         try:
@@ -526,6 +618,14 @@ class Config:
         if aug.jitter_in == "workers" and (data.loader == "dali" or data.decode == "gpu" or data.synthetic):
             raise ConfigError("--jitter-in workers runs in our loader's workers on decoded pixels: it does not "
                               "combine with --loader dali, --decode gpu or --synthetic (use --jitter-in device)")
+        if aug.crop_changed and (data.loader == "dali" or data.decode == "gpu"):
+            raise ConfigError("--scale, --ratio, --hflip and --vflip apply to our loader's crops: they do not "
+                              "combine with --loader dali or --decode gpu")
+        if self.optim.grad_accum_steps > 1 and self.precision.apex_amp:
+            raise ConfigError("--grad-accum-steps does not combine with --apex-amp (its loss scaling unscales "
+                              "into the master gradients at every backward)")
+        if self.run.no_resume_opt and not (self.run.resume or self.run.auto_resume):
+            raise ConfigError("--no-resume-opt applies to --resume (or --auto-resume)")
         if self.outputs.no_output and (self.outputs.output or self.outputs.experiment or self.run.auto_resume):
             raise ConfigError("--no-output saves nothing: it cannot be combined with --output, --experiment "
                               "or --auto-resume")

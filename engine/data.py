@@ -15,10 +15,10 @@ from pipeline.augment import (
     RandomErasing,
     WorkerColorJitter,
 )
+from pipeline.autoaugment import create_augment, resolve_mean_std
 from pipeline.info import check_local_shards, load_info
 from pipeline.loader import BatchLoader, check_shared_memory, create_loader
-from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, Normalize
-from pipeline.randaugment import RandAugment
+from pipeline.prefetch import DevicePrefetcher, Normalize
 from pipeline.remote import RemoteOptions
 from pipeline.resolution import ResolutionSchedule
 from pipeline.synthetic import SyntheticBatches
@@ -119,12 +119,16 @@ def make_data(args: Resolved, d: Dist) -> Data:
         raise ConfigError(f"--decode gpu needs a CUDA device (nvJPEG); this run is on {dev.type}")
     if args.demo:
         prepare_demo(args, d)
+    elif args.image_folder:
+        from .folder import prepare_folder
+        prepare_folder(args, d)
     remote = remote_options(args, d)
     info = load_info(args.data_root, remote) if args.data_root else None
     if info is not None and not args.synthetic and info.num_classes < 1 and args.num_classes is None:
         raise DataError(f"{args.data_root}: _info.json has no class list or num_classes (or pass --num-classes)")
     num_classes = resolve_num_classes(args, info)
-    normalize = Normalize(dev.torch, IMAGENET_MEAN, IMAGENET_STD, channels_last=args.channels_last)
+    mean, std = resolve_mean_std(args.mean, args.std)  # timm's --mean/--std (one value: every channel)
+    normalize = Normalize(dev.torch, mean, std, channels_last=args.channels_last)
     jitter = jitter_place(args, dev.type)  # decided once per run: "device", "workers" or None
     augment = make_augment(args, d, num_classes, jitter)
     to_train = to_val = None
@@ -171,13 +175,30 @@ def make_data(args: Resolved, d: Dist) -> Data:
                 tuple(info.classes), jitter)
 
 
+class Chain:
+    """Worker augmentations applied in order (timm: the --aa policy, then colour jitter with 3a)."""
+
+    def __init__(self, *ops):
+        self.ops = ops
+
+    def __call__(self, out, rng) -> None:
+        for op in self.ops:
+            op(out, rng)
+
+    def __repr__(self) -> str:
+        return " + ".join(map(repr, self.ops))
+
+
 def worker_augment(args, jitter: str | None):
-    """The per-image augmentation of the workers: RandAugment (--aa) or colour jitter, or None."""
+    """The per-image augmentation of the workers: the --aa policy (pipeline.autoaugment.create_augment,
+    filling with the --mean colour), colour jitter, both (3a policies, as timm), or None."""
+    ops = []
     if args.aa:
-        return RandAugment(args.aa)
+        ops.append(create_augment(args.aa, args.max_res or args.img_size, resolve_mean_std(args.mean, args.std)[0],
+                                  args.train_interpolation))
     if jitter == "workers":
-        return WorkerColorJitter(*[args.color_jitter] * 3)
-    return None
+        ops.append(WorkerColorJitter(*[args.color_jitter] * 3))
+    return None if not ops else ops[0] if len(ops) == 1 else Chain(*ops)
 
 
 def _val_size(args) -> int:
@@ -205,6 +226,7 @@ def _our_maker(args, d: Dist, workers: int, num_classes: int, remote, resolution
                                  shuffle_bytes=args.shuffle_buffer_bytes,
                                  train_interpolation=args.train_interpolation,
                                  augment=worker_augment(args, jitter), img_size=resolution.min_res,
+                                 scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
                                  largest_img_size=resolution.largest, crop_pct=args.crop_pct, **common)
         return create_loader(split, train=False, batch_size=batch_size, eval_interpolation=args.interpolation,
                              img_size=_val_size(args), crop_pct=_val_crop(args), **common)

@@ -30,8 +30,17 @@ class Resolved:
 
     @property
     def data_root(self) -> str | None:
-        """--data_path, or the demo's shards without it (None: synthetic data)."""
-        return demo_path(self.config) if self.demo else self.config.data.data_path
+        """--data_path, or the demo's shards without it (None: synthetic data); for an ImageFolder
+        --data_path, the shards the run makes of it (engine/folder.py)."""
+        if self.demo:
+            return demo_path(self.config)
+        from .folder import is_image_folder, shard_root
+        path = self.config.data.data_path
+        return shard_root(path, self.config.data.demo_dir) if is_image_folder(path) else path
+
+    @property
+    def image_folder(self) -> bool:
+        return self.data_root != self.config.data.data_path and not self.demo
 
 
 def demo_path(config: Config) -> str:
@@ -65,7 +74,7 @@ def jitter_place(config, device_type: str) -> str | None:
     more per image (BENCHMARKS.md, section "The reference recipe's augmentation in the loader"),
     else the device."""
     aug, data = config.augment, config.data
-    if aug.color_jitter <= 0 or aug.aa:
+    if aug.color_jitter <= 0 or (aug.aa and "3a" not in aug.aa):  # timm keeps colour jitter with 3a
         return None
     if aug.jitter_in != "auto":
         return aug.jitter_in

@@ -7,6 +7,7 @@ so a resume continues at that step with the identical remaining samples; `engine
 stops every rank at the same step on a preemption signal, after one checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -17,7 +18,7 @@ from common.errors import DataLoadingError
 from model.schedule import total_epochs
 from pipeline.stream import STATS
 
-from .builder import Parts, build_parts
+from .builder import Parts, build_parts, updates_per_epoch
 from .control import Control, Preempted, reason
 from .data import Data
 from .dist import Dist, distribute_bn
@@ -37,7 +38,9 @@ class Trainer:
             parts = build_parts(parts, d, data)
         self.parts = parts
         self.config, self.d, self.data = parts.config, parts.dist, parts.data
-        self.dev, self.steps_per_epoch = self.d.device, len(self.data.train)
+        self.dev, self.steps_per_epoch = self.d.device, len(self.data.train)  # loader batches
+        self.accum = self.config.grad_accum_steps  # batches per optimizer update
+        self.updates_per_epoch = updates_per_epoch(self.steps_per_epoch, self.accum)
         self.model, self.plain, self.optimizer = parts.model, parts.plain, parts.optimizer
         self.precision, self.schedule, self.ema = parts.precision, parts.schedule, parts.ema
         self.criterion, self.clip_params, self.resolution = parts.criterion, parts.clip_params, parts.resolution
@@ -66,21 +69,34 @@ class Trainer:
         return self.parts.run_dir
 
     # ------------------------------------------------------------------ one step
-    def step(self, images, labels, global_step: int) -> torch.Tensor:
-        """One optimizer update; returns the loss as a device tensor (no host sync)."""
-        self.schedule.step(global_step)
-        if self.loss_guard.skip:  # a dropped update must not leave a bad batch in the BN statistics
-            buffers = [b.detach().clone() for b in self.plain.buffers()]
+    def step(self, images, labels, global_step: int, accum: int = 1, first: bool = True,
+             update: bool = True) -> torch.Tensor | None:
+        """One optimizer update, or with gradient accumulation one of its `accum` batches (`first`
+        sets the LR and clears the gradients, `update` applies them), as timm 1.0's train_one_epoch:
+        the loss is divided by `accum` and DDP does not all-reduce before the last batch. Returns
+        the batch's (undivided) loss as a device tensor (no host sync); None when --nonfinite-loss
+        skip dropped the update."""
+        if first:
+            self.schedule.step(global_step)
+            if self.loss_guard.skip:  # a dropped update must not leave a bad batch in the BN statistics
+                self._kept_buffers, self._bad = [b.detach().clone() for b in self.plain.buffers()], 0.0
         with self.precision.autocast():
             loss = self.criterion(self.model(images), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.precision.backward(loss, self.optimizer)
+        if first:
+            self.optimizer.zero_grad(set_to_none=True)
+        no_sync = getattr(self.model, "no_sync", None) if not update else None
+        with no_sync() if no_sync is not None else contextlib.nullcontext():
+            self.precision.backward(loss / accum if accum > 1 else loss, self.optimizer)
+        if self.loss_guard.skip:
+            self._bad += float(not torch.isfinite(loss.detach()).item())
+        if not update:
+            return loss.detach()
         if self.loss_guard.skip:  # --nonfinite-loss skip: every rank drops the update if any rank's loss is bad
-            bad = self.d.all_reduce([float(not torch.isfinite(loss.detach()).item())])[0]
+            bad = self.d.all_reduce([self._bad])[0]
             if not self.loss_guard.keep(not bad, *self._where):
                 self.optimizer.zero_grad(set_to_none=True)
                 with torch.no_grad():
-                    for b, kept in zip(self.plain.buffers(), buffers):
+                    for b, kept in zip(self.plain.buffers(), self._kept_buffers):
                         b.copy_(kept)
                 return None
         if self.clip_params is not None:
@@ -123,6 +139,7 @@ class Trainer:
                 stats = self.data_stats()
                 self.metrics.write(kind="epoch", epoch=epoch, steps_min=int(fewest), steps_max=int(most), **stats)
                 if validated:
+                    self.schedule.metric(epoch, self.eval_value(result))  # plateau: before the checkpoint
                     self.save(epoch, result)
                 losses = self.totals["loss"]
                 self.monitor.epoch(epoch, sum(losses) / len(losses) if losses else None,
@@ -210,7 +227,9 @@ class Trainer:
         self.control.saved()
 
     def _position(self, epoch: int, step: int, progress) -> dict:
-        return {"epoch": epoch, "step": step, "global_step": epoch * self.steps_per_epoch + step,
+        # step: loader batches done in the epoch (an update boundary); global_step: optimizer updates
+        done = self.updates_per_epoch if step >= self.steps_per_epoch else step // self.accum
+        return {"epoch": epoch, "step": step, "global_step": epoch * self.updates_per_epoch + done,
                 "steps_per_epoch": self.steps_per_epoch, "world": self.d.world,
                 "workers": getattr(self.data.train, "num_workers", 0),
                 "batch_size": self.config.batch_size, "progress": progress, "data": self.data.identity,
@@ -259,6 +278,7 @@ class Trainer:
         it = iter(self.data.feed(loader))
         loss_sum = torch.zeros((), device=self.dev.torch)
         window_start, wait, n_window, n_losses = time.perf_counter(), 0.0, 0, 0
+        accum, tail = self.accum, steps % self.accum  # tail: batches of a shorter last update (timm's)
         for i in range(start, steps):
             t0 = time.perf_counter()
             batch = next(it, None)
@@ -266,15 +286,19 @@ class Trainer:
                 raise DataLoadingError(f"rank {d.rank}: the loader ended after {i} of {steps} steps")
             images, labels = batch
             wait += time.perf_counter() - t0
-            global_step = epoch * steps + i
+            update = i + 1 == steps or (i + 1) % accum == 0
+            global_step = epoch * self.updates_per_epoch + i // accum  # optimizer updates done before this one
             self._where = (epoch, i + 1)
-            loss = self.step(images, labels, global_step)
+            loss = self.step(images, labels, global_step, accum=tail if tail and i >= steps - tail else accum,
+                             first=i % accum == 0, update=update)
             if loss is not None:  # None: a non-finite update dropped (--nonfinite-loss skip)
                 loss_sum += loss
                 n_losses += 1
             n_window += 1
-            halt, save_now = control.poll()  # agreed one step ago on every rank; no device sync
-            if (i + 1) % args.log_interval == 0 or i + 1 == steps:
+            if not update:
+                continue
+            halt, save_now = control.poll()  # agreed one update ago on every rank; no device sync
+            if (i // accum + 1) % args.log_interval == 0 or i + 1 == steps:
                 padded = loader.stats()["padded"] - padded_before
                 loss, padded = d.all_reduce([loss_sum.item() / max(n_losses, 1), padded])  # the only host sync
                 loss /= d.world
@@ -286,7 +310,7 @@ class Trainer:
                         "unreadable data; see the warnings): fix the data, or raise --max-missing")
                 elapsed = time.perf_counter() - window_start
                 img_s = n_window * args.batch_size * d.world / elapsed
-                eta = ((epochs - epoch) * steps - i - 1) * elapsed / n_window
+                eta = ((epochs - epoch) * steps - i - 1) * elapsed / n_window  # in batches
                 size = images.shape[-1]  # the batch's own (metadata, no sync)
                 d.say(f"epoch {epoch} step {i + 1}/{steps}  loss {loss:.4f}  lr {self.schedule.last_lr:.4g}  "
                       f"{img_s:,.0f} img/s  data wait {wait / elapsed:.1%}  eta {eta / 60:.1f} min"
@@ -299,7 +323,7 @@ class Trainer:
                 self._count(n_window, elapsed, wait, loss)
                 loss_sum.zero_()
                 window_start, wait, n_window, n_losses = time.perf_counter(), 0.0, 0, 0
-            if halt or save_now or (control.steps_due(global_step + 1) and i + 1 < steps):
+            if halt or save_now or (control.steps_due(global_step + 1) and i + 1 < steps):  # update boundaries
                 self.check_finite(loss_sum, epoch, i + 1)
                 self.save_position(epoch, i + 1, i + 1 - start)
                 if halt:
@@ -333,7 +357,7 @@ class Trainer:
         self.d.say(f"epoch {epoch} validation{' (EMA)' if kind == 'val_ema' else ''}: "
                    f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
                    f"loss {result['loss']:.4f}  ({result['n']} images{note})")
-        step = (epoch + 1) * self.steps_per_epoch
+        step = (epoch + 1) * self.updates_per_epoch
         self.metrics.write(kind=kind, epoch=epoch, step=step,
                            top1=result["top1"], top5=result["top5"], loss=result["loss"], n=result["n"],
                            complete=result["complete"], time=time.time())
@@ -359,14 +383,19 @@ class Trainer:
                        f"validation), {stats['padded']} padded")
         return stats
 
+    def eval_value(self, result: dict | None) -> float | None:
+        """The --eval-metric value of a complete validation (None otherwise)."""
+        return result[self.config.eval_metric] if result and result.get("complete", True) else None
+
     def save(self, epoch: int, result: dict | None) -> None:
         if self.saver is not None or self.d.world > 1:  # every rank joins the check's all-reduce
             self.check_finite(torch.zeros(()), epoch, 0)
         if not self.saver:
             return
-        metric = result["top1"] if result and result.get("complete", True) else None
         best = self.saver.save(epoch, self.plain, self.optimizer, self.precision, self.schedule,
-                               plain_config(self.config), metric=metric, position=self._position(epoch + 1, 0, None),
+                               plain_config(self.config), metric=self.eval_value(result),
+                               higher_is_better=self.config.eval_metric != "loss",
+                               position=self._position(epoch + 1, 0, None),
                                ema=self.ema.module if self.ema is not None else None)
         self.d.say(f"checkpoint: {self.saver.last_path}{' (new best)' if best else ''}")
         if self.control:

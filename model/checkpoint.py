@@ -243,6 +243,7 @@ class CheckpointSaver:
         self.device = device  # whose accelerator RNG goes into the checkpoint
         self.best_metric = best_metric  # pass resume()'s best_metric when resuming
         self.hist, self.extra = hist, _plain(extra or {})
+        self.higher_is_better = True  # set by save(): the metric's direction ranks the history
         self.last_path = os.path.join(output_dir, "last.pth")
         self.best_path = os.path.join(output_dir, "best.pth")
         self.removed = remove_stale_temporaries(output_dir) if os.path.isdir(output_dir) else 0
@@ -262,7 +263,8 @@ class CheckpointSaver:
         name = f"checkpoint-{epoch}.pth.tar"
         _link_or_copy(self.last_path, os.path.join(self.output_dir, name))
         rows = [r for r in self.history if r[0] != name] + [[name, metric, epoch]]
-        rows.sort(key=lambda r: (r[1] is not None, r[1] if r[1] is not None else 0.0, r[2]), reverse=True)
+        sign = 1.0 if self.higher_is_better else -1.0  # a loss ranks lowest first
+        rows.sort(key=lambda r: (r[1] is not None, sign * r[1] if r[1] is not None else 0.0, r[2]), reverse=True)
         for old in rows[self.hist:]:
             try:
                 os.remove(os.path.join(self.output_dir, old[0]))
@@ -295,6 +297,7 @@ class CheckpointSaver:
              ema=None) -> bool:
         """Returns True when this epoch became best.pth. A mid-epoch save passes `position`
         (and epoch = the last finished epoch) and no metric; `ema` is the EMA module, if any."""
+        self.higher_is_better = higher_is_better
         is_best = self._improves(metric, higher_is_better)
         if is_best:
             self.best_metric = float(metric)
@@ -382,7 +385,8 @@ def resume(path: str, model, optimizer, precision, device: Device | None = None,
            restore_rng: bool = True, model_name: str | None = None, ema=None) -> dict:
     """Restore everything `CheckpointSaver.save` wrote; returns {'epoch': next epoch to run,
     'step': optimizer updates already done in it, 'position': the whole saved position (or
-    {'epoch', 'step'} for files without one), 'best_metric', 'config', 'metric'}. Call on every
+    {'epoch', 'step'} for files without one), 'best_metric', 'config', 'metric', 'schedule' (the
+    LRSchedule state, for its load_state_dict)}; `optimizer` None restores no optimizer state. Call on every
     rank, after precision.prepare() and before wrapping the model in DDP/compile (wrappers are
     stripped either way). `ema` (the EMA module) gets `state_dict_ema`; from a checkpoint without
     one it starts from the resumed weights. Anything in the file that does not fit is one
@@ -406,7 +410,8 @@ def resume(path: str, model, optimizer, precision, device: Device | None = None,
             why = _misfit(unwrap_model(ema), ckpt.get("state_dict_ema"), path, ckpt, model_name)
             raise CheckpointError(why.replace("does not fit", "has EMA weights that do not fit", 1)) from None
     try:
-        _load_optimizer(optimizer, ckpt["optimizer"])
+        if optimizer is not None:  # None: weights only (the optimizer keeps its fresh state)
+            _load_optimizer(optimizer, ckpt["optimizer"])
     except Exception as e:  # torch raises ValueError/KeyError/TypeError for a foreign state
         detail = (str(e).strip().splitlines() or [""])[0][:120]
         raise CheckpointError(f"checkpoint {path}: its optimizer state does not fit this run "
@@ -426,9 +431,10 @@ def resume(path: str, model, optimizer, precision, device: Device | None = None,
     if best is not None and not isinstance(best, (int, float)):
         raise CheckpointError(f"checkpoint {path}: 'best_metric' is {str(best)[:40]!r}, not a number")
     config = ckpt.get("config", {})
+    schedule = ckpt.get("schedule")
     return {"epoch": position["epoch"], "step": position["step"], "position": position,
             "best_metric": best, "config": config if isinstance(config, dict) else {},
-            "metric": ckpt.get("metric")}
+            "metric": ckpt.get("metric"), "schedule": schedule if isinstance(schedule, dict) else {}}
 
 
 def timm_model_name(source: str) -> str | None:

@@ -14,7 +14,7 @@ def canonical_name(name: str) -> str:
 
 OPTIMIZERS = {"sgd": True, "nesterov": True, "momentum": False}  # timm's --opt name -> Nesterov
 
-SCHEDULES = ("cosine", "step", "linear-step")
+SCHEDULES = ("cosine", "step", "linear-step", "multistep", "poly", "plateau")  # the last three: timm's
 
 # The reference run's values: the Ascend port (ModelZoo-PyTorch @ 6a2804a3,
 # PyTorch/built-in/cv/classification/Gluon_ResNet50_v1b_for_PyTorch), train.py @ 86c6aebb defaults

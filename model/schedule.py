@@ -63,8 +63,8 @@ from model.recipe import (  # the schedule's defaults live with the recipe (impo
     SCHEDULES,
 )
 
-# The names ScheduleConfig takes: the recipe's, then timm's multistep, poly and plateau.
-SCHEDULE_NAMES = SCHEDULES + ("multistep", "poly", "plateau")
+# The names ScheduleConfig takes.
+SCHEDULE_NAMES = SCHEDULES  # model.recipe lists timm's multistep, poly and plateau too
 # timm 1.0 train.py defaults for the schedules added here (--decay-milestones, --patience-epochs)
 DEFAULT_DECAY_MILESTONES = (90, 180, 270)
 DEFAULT_PATIENCE_EPOCHS = 10

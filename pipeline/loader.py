@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from common.errors import DataLoadingError, SharedMemoryError
 
 from .elastic import pack, remainder_steps, union
+from .geometry import DEFAULT_HFLIP, DEFAULT_RATIO, DEFAULT_SCALE, DEFAULT_VFLIP
 from .info import is_remote
 from .plan import round_robin
 from .remote import RemoteOptions
@@ -276,7 +277,8 @@ def create_loader(split, *, train: bool, batch_size: int, img_size: int = 224,
                   reuse_buffers: bool = False, num_classes: int | None = None,
                   remote: RemoteOptions | None = None, timeout: float | None = None,
                   largest_img_size: int | None = None, max_sample_bytes: int | None = MAX_SAMPLE_BYTES,
-                  shuffle_bytes: int | None = SHUFFLE_BYTES) -> StreamLoader:
+                  shuffle_bytes: int | None = SHUFFLE_BYTES, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO,
+                  hflip: float = DEFAULT_HFLIP, vflip: float = DEFAULT_VFLIP) -> StreamLoader:
     """A loader of uint8 NHWC batches (or, with decoder='gpu', of JPEG bytes + crop boxes).
 
     `augment(out, rng)` (train only) changes each HWC uint8 crop in the worker, e.g. a
@@ -290,14 +292,16 @@ def create_loader(split, *, train: bool, batch_size: int, img_size: int = 224,
     resizing; default img_size): the reused batch buffers are made that large.
     `max_sample_bytes`: a larger sample is skipped unread and counted; `shuffle_bytes`: the most
     bytes of samples a worker's shuffle buffer holds (None: no limit, for either).
+    `scale`, `ratio`, `hflip`, `vflip` (train only): timm's random resized crop and flips.
     """
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
     cpu_decoder = "pil" if decoder == "pil" else "tv"
     reduce = train if reduced_decode is None else reduced_decode
     if train:
-        transform = TrainTransform(img_size, interpolation=train_interpolation,
-                                   decoder=cpu_decoder, reduce=reduce, augment=augment)
+        transform = TrainTransform(img_size, scale=scale, ratio=ratio, hflip=hflip, vflip=vflip,
+                                   interpolation=train_interpolation, decoder=cpu_decoder, reduce=reduce,
+                                   augment=augment)
     else:
         transform = EvalTransform(img_size, crop_pct, eval_interpolation, decoder=cpu_decoder, reduce=reduce)
     if decoder == "gpu":

@@ -127,8 +127,9 @@ def test_resume_restores_everything(tmp_path):
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
     info = resume(str(tmp_path / "last.pth"), torch.compile(model2), opt2, precision2, CPU)
 
+    saved = torch.load(tmp_path / "last.pth", weights_only=True)["schedule"]
     assert info == {"epoch": 2, "step": 0, "position": {"epoch": 2, "step": 0}, "best_metric": 12.5,
-                    "config": {"lr": 0.1, "out": str(tmp_path)}, "metric": 12.5}
+                    "config": {"lr": 0.1, "out": str(tmp_path)}, "metric": 12.5, "schedule": saved}
     got = _draws()  # the generators continue exactly where they were at save time
     assert got[:2] == after_save[:2] and torch.equal(got[2], after_save[2])
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):

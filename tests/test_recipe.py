@@ -209,7 +209,7 @@ def test_pretrained_without_weights_is_one_line(monkeypatch, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--mixup", "0.5", "-b", "7"], "-b must be even"),
-    (["--aa", "augmix-m5"], "RandAugment"),
+    (["--aa", "bogus-m5"], "unknown augmentation policy"),
     (["--aa", "rand-m9", "--decode", "gpu"], "does not combine with --decode gpu"),
     (["--aa", "rand-m9", "--loader", "dali"], "does not combine with --loader dali"),
     (["--jitter-in", "workers"], "--jitter-in workers runs in our loader's workers"),

@@ -126,12 +126,13 @@ def test_args_yaml_round_trips_and_a_timm_config_loads(tmp_path, capsys):
         assert getattr(again, key) == getattr(args, key), key
     # timm's train.py writes data_dir, '' for unset values, and settings we do not have
     (tmp_path / "timm.yaml").write_text("data_dir: /data/wds\nmodel: resnet10t\nopt: momentum\ninterpolation: ''\n"
-                                        "lr: null\nlayer_decay: 0.7\nhflip: 0.5\nepochs: 3\n")
+                                        "lr: null\nlayer_decay: 0.7\nhflip: 0.3\nepochs: 3\n")
     timm_args = parse_args(["-c", str(tmp_path / "timm.yaml"), "--output", str(tmp_path)])
     assert (timm_args.data_path, timm_args.model, timm_args.opt, timm_args.epochs) == ("/data/wds", "resnet10t",
                                                                                         "momentum", 3)
     assert timm_args.interpolation is None and timm_args.lr is None  # unset in timm's file: ours (the model's)
-    assert "ignoring timm settings this trainer does not have: hflip, layer_decay" in " ".join(timm_args.notes)
+    assert timm_args.hflip == 0.3  # a timm option this trainer has: applied
+    assert "ignoring timm settings this trainer does not have: layer_decay" in " ".join(timm_args.notes)
 
 
 @pytest.mark.slow

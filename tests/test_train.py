@@ -95,7 +95,7 @@ def test_training_on_demo_data_lowers_the_loss(demo_shards, tmp_path, capsys):
     (["--device", "cuda"], "CUDA is not available"),
     (["--device", "npu"], "torch_npu"),
     (["--data_path", "{missing}"], "does not exist"),
-    (["--data_path", "{folder}"], "no _info.json"),
+    (["--data_path", "{empty}"], "no _info.json"),
     (["-b", "0"], "--batch-size must be at least 1"),
     (["--model", "no_such_net", "--synthetic"], "unknown model"),
     (["--synthetic", "--decode", "gpu"], "--decode does not apply"),
@@ -104,7 +104,7 @@ def test_training_on_demo_data_lowers_the_loss(demo_shards, tmp_path, capsys):
     (["--apex-amp", "--amp-dtype", "bfloat16"], "cannot be combined"),
 ])
 def test_clear_one_line_errors(args, message, tmp_path, capsys, demo_folder, demo_shards):
-    args = [a.format(missing=tmp_path / "nope", folder=demo_folder, shards=demo_shards) for a in args]
+    args = [a.format(missing=tmp_path / "nope", folder=demo_folder, shards=demo_shards, empty=tmp_path) for a in args]
     code, out, err = run_main([*SMALL, "--device", "cpu", *args] if "--device" not in args else [*SMALL, *args], capsys)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
