@@ -29,7 +29,9 @@ def _error(argv, capsys) -> str:
 
 # ---------------------------------------------------------------- flags
 def test_no_prefix_matching_and_the_nearest_flag_is_named(capsys):
-    assert "did you mean --drop-path?" in _error(["--drop", "0.2"], capsys)  # not silently --drop-path
+    args = build_parser().parse_args(["--drop", "0.2"])  # timm's dropout, never silently --drop-path
+    assert args.drop == 0.2 and args.drop_path is None
+    assert "did you mean --drop-path?" in _error(["--drop-pat", "0.2"], capsys)
     assert "did you mean --epochs?" in _error(["--epoch", "3"], capsys)
     assert "did you mean --batch-size?" in _error(["--bach-size", "3"], capsys)
     err = _error(["--lr", "0.1", "/data/imagenet"], capsys)  # timm's positional data folder
