@@ -9,8 +9,6 @@ says what it made. `engine.trainer.Trainer(parts)` then runs the loops.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -26,14 +24,16 @@ from model.schedule import LRSchedule, ScheduleConfig, scale_lr
 from pipeline.resolution import ResolutionSchedule
 
 from . import data as engine_data
+from . import rankstate
 from .config import Config, parse_interval
 from .control import Control
 from .data import Data
 from .dist import Dist, setup_distributed, sync_batchnorm
 from .metrics import Metrics
 from .monitor import Monitor
-from .resolved import NOT_FLAGS, Resolved, plain_config, resolve
+from .resolved import Resolved, plain_config, resolve
 from .resume import start_position
+from .rundir import keep_config
 from .runtime import configure_torch, precision_for
 
 
@@ -46,6 +46,8 @@ class Start:
     progress: list | None = None
     path: str | None = None
     best: float | None = None
+    rank_state: dict | None = None  # this rank's saved state (engine.rankstate), same world size only
+    epoch_losses: tuple = ()  # train losses logged before a mid-epoch checkpoint in its epoch
 
 
 @dataclass
@@ -137,7 +139,10 @@ def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
         state = resume(run.resume, model, optimizer, precision, dev, restore_rng=d.main, model_name=m.model, ema=ema)
         pos = state["position"]
         epoch, step, progress = start_position(pos, run.resume, data, d, o.batch_size, cfg.run.allow_other_data)
-        start = Start(epoch, step, progress, run.resume, state["best_metric"])
+        mine = rankstate.restore(state["ranks"], model, ema, precision, d, run.resume)
+        mid = step > 0 and step == pos.get("step")  # continuing inside the saved epoch
+        start = Start(epoch, step, progress, run.resume, state["best_metric"], mine if mid else None,
+                      tuple(rankstate.epoch_losses(pos)) if mid else ())
         resume_at = (epoch, pos.get("global_step", epoch * steps_per_epoch))
     run_dir = run.run_dir if d.main else None
     saver = CheckpointSaver(run_dir, dev, start.best, hist=cfg.outputs.checkpoint_hist,
@@ -177,13 +182,8 @@ def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
 def record_config(run: Resolved, run_dir: str | None, metrics: Metrics) -> None:
     """config.json and timm's args.yaml (loadable with -c) in the run folder, and a config row."""
     config = plain_config(run)
-    if run_dir:
-        import yaml
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        with open(os.path.join(run_dir, "args.yaml"), "w") as f:
-            yaml.safe_dump({k: v for k, v in config.items() if k not in NOT_FLAGS}, f, sort_keys=False)
+    if run_dir:  # a resume keeps the first start's files and records itself in resumes.jsonl
+        keep_config(run_dir, config, resumed=bool(run.resume))
     metrics.write(kind="config", time=time.time(), **config)  # the start, for time_to_accuracy
 
 

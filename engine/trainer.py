@@ -17,13 +17,25 @@ from common.errors import DataLoadingError
 from model.schedule import total_epochs
 from pipeline.stream import STATS
 
+from . import rankstate
 from .builder import Parts, build_parts
 from .control import Control, Preempted, reason
 from .data import Data
 from .dist import Dist, distribute_bn
 from .inference import as_percent, evaluate
+from .metrics import read_history
 from .resolved import plain_config
 from .runtime import compute_settings
+
+
+def _first_apart(it):
+    """`it`, its first item fetched with the CPU generator forked: a DataLoader's first iteration
+    draws a seed from it, which a resumed process would draw again at another point of the run."""
+    with torch.random.fork_rng(devices=[]):
+        first = next(it, None)
+    if first is not None:
+        yield first
+        yield from it
 
 
 class Trainer:
@@ -42,7 +54,8 @@ class Trainer:
         self.saver, self.metrics, self.monitor = parts.saver, parts.metrics, parts.monitor
         self.start = parts.start
         self.totals = {"images": 0, "seconds": 0.0, "wait": 0.0, "loss": []}  # for the run summary
-        self.history = []  # (epoch, kind, result) of every complete validation of this run
+        # (epoch, kind, result) of every complete validation of this run, the starts before a resume too
+        self.history = read_history(self.metrics.path) if self.start.path else []
         self.control = None  # installed by fit()
 
     @property
@@ -92,6 +105,7 @@ class Trainer:
         result, fit_start = None, time.perf_counter()
         self.control = self.parts.control
         self.control.install()
+        self.totals["loss"] = list(self.start.epoch_losses)  # logged before a mid-epoch checkpoint
         try:
             for epoch in range(self.start_epoch, stop):
                 start = self.start.step if epoch == self.start_epoch else 0
@@ -165,17 +179,19 @@ class Trainer:
             tail = "no --output, so no checkpoint was written"
         raise Preempted(f"stopped ({reason(code)}): {tail}")
 
-    def save_position(self, epoch: int, step: int, consumed: int) -> None:
+    def save_position(self, epoch: int, step: int, consumed: int, window=None) -> None:
         """A checkpoint at `step` of `epoch` (every rank calls it at the same step): each rank's
         loader progress is gathered, rank 0 writes last.pth, and all wait for the write."""
         progress = getattr(self.data.train, "progress", None)
         mine = progress(consumed) if progress else None
         everyone = self.control.gather(mine)
+        ranks = rankstate.gather(self, window)
         if self.saver:
             position = self._position(epoch, step, everyone)
+            position["epoch_losses"] = [float(x) for x in self.totals["loss"]]
             self.saver.save(epoch - 1, self.plain, self.optimizer, self.precision, self.schedule,
                             plain_config(self.config), metric=None, position=position,
-                            ema=self.ema.module if self.ema is not None else None)
+                            ema=self.ema.module if self.ema is not None else None, ranks=ranks)
             self.d.say(f"checkpoint: {self.saver.last_path} (epoch {epoch} step {step}/{self.steps_per_epoch})")
         self.control.barrier()
         self.control.saved()
@@ -211,9 +227,12 @@ class Trainer:
         if self.control is None:  # train_epoch() called without fit()
             self.control = Control(d)
         control = self.control
-        it = iter(self.data.feed(loader))
+        it = _first_apart(iter(self.data.feed(loader)))
         loss_sum = torch.zeros((), device=self.dev.torch)
         window_start, wait, n_window = time.perf_counter(), 0.0, 0
+        saved = rankstate.window(self.start.rank_state, self.dev.torch) if start and epoch == self.start_epoch else None
+        if saved is not None:  # the log window the checkpoint cut, so the next row averages the same steps
+            loss_sum, n_window = saved
         for i in range(start, steps):
             t0 = time.perf_counter()
             batch = next(it, None)
@@ -250,7 +269,7 @@ class Trainer:
                 loss_sum.zero_()
                 window_start, wait, n_window = time.perf_counter(), 0.0, 0
             if halt or save_now or (control.steps_due(global_step + 1) and i + 1 < steps):
-                self.save_position(epoch, i + 1, i + 1 - start)
+                self.save_position(epoch, i + 1, i + 1 - start, window=(loss_sum, n_window))
                 if halt:
                     self._stop(halt, epoch, i + 1)
         extra = sum(1 for _ in it)  # 0 by construction; drains the prefetcher cleanly
@@ -266,7 +285,8 @@ class Trainer:
         was_training = model.training
         model.eval()
         # this rank's share
-        sums = evaluate(model, self.data.val_feed(self.data.val), self.precision, self.config.val_tta)
+        with torch.random.fork_rng(devices=[]):  # validation leaves the training draws as they were
+            sums = evaluate(model, self.data.val_feed(self.data.val), self.precision, self.config.val_tta)
         model.train(was_training)
         totals = dict(zip(("n", "loss", "top1", "top5"),
                           self.d.all_reduce([sums[k] for k in ("n", "loss", "top1", "top5")])))
@@ -306,12 +326,13 @@ class Trainer:
         return stats
 
     def save(self, epoch: int, result: dict | None) -> None:
+        ranks = rankstate.gather(self) if self.control is not None else None  # every rank, then rank 0 saves
         if not self.saver:
             return
         metric = result["top1"] if result and result.get("complete", True) else None
         best = self.saver.save(epoch, self.plain, self.optimizer, self.precision, self.schedule,
                                plain_config(self.config), metric=metric, position=self._position(epoch + 1, 0, None),
-                               ema=self.ema.module if self.ema is not None else None)
+                               ema=self.ema.module if self.ema is not None else None, ranks=ranks)
         self.d.say(f"checkpoint: {self.saver.last_path}{' (new best)' if best else ''}")
         if self.control:
             self.control.saved()

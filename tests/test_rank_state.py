@@ -1,0 +1,80 @@
+"""Every rank's own state in the checkpoints: an interrupted and resumed 2-process run with
+per-rank BatchNorm statistics (--dist-bn '') ends bit-identical to the uninterrupted one on every
+rank -- weights, buffers, validation and the logged training losses -- after a checkpointed
+SIGTERM and after a second SIGTERM that exits without a checkpoint."""
+import os
+import signal
+import subprocess
+
+import pytest
+import torch
+from conftest import ROOT, child_env, read_metrics, run_folder, torchrun_cmd
+from test_faults import children, interrupt
+
+from engine.rankstate import epoch_losses, window
+
+
+def rows_of(folder, kind, keys):
+    return [tuple(r[k] for k in keys) for r in read_metrics(folder) if r["kind"] == kind]
+
+
+def finish(cmd):
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def assert_same_run(ref_dir, out):
+    want = torch.load(ref_dir / "last.pth", weights_only=True)
+    got = torch.load(out / "last.pth", weights_only=True)
+    for key in want["model"]:  # rank 0: weights and buffers
+        assert torch.equal(want["model"][key], got["model"][key]), key
+    assert len(want["ranks"]) == len(got["ranks"]) == 2
+    a, b = want["ranks"][1]["buffers"], got["ranks"][1]["buffers"]  # rank 1's own BN statistics
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], want["model"][k]) for k in a)  # they are rank 1's, not a copy
+    assert torch.equal(want["ranks"][1]["rng"]["torch"], got["ranks"][1]["rng"]["torch"])
+    for kind, keys in (("val", ("epoch", "top1", "top5", "loss", "n")), ("train", ("step", "loss", "lr"))):
+        assert rows_of(out, kind, keys) == rows_of(ref_dir, kind, keys), kind  # exact, step by step
+
+
+@pytest.mark.slow
+def test_sigterm_at_a_checkpoint_then_auto_resume_is_identical_on_every_rank(ddp_reference, tmp_path):
+    args, ref_dir, ref = ddp_reference
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "run"
+    cmd = torchrun_cmd([*args, *run_folder(out), "--auto-resume", "--checkpoint-interval", "3", "--dist-bn", ""])
+    rc, err, _ = interrupt(cmd, out, 1, lambda p, ranks: os.kill(p.pid, signal.SIGTERM), after=4)
+    assert rc != 0 and "stopped (got SIGTERM)" in err, err[-3000:]
+    mid = torch.load(out / "last.pth", weights_only=True)
+    assert 0 < mid["position"]["step"] < mid["position"]["steps_per_epoch"]
+    assert len(mid["ranks"]) == 2 and mid["ranks"][0]["buffers"] is None and mid["ranks"][1]["buffers"]
+    finish(cmd)
+    assert_same_run(ref_dir, out)
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_then_auto_resume_is_identical_on_every_rank(ddp_reference, tmp_path):
+    """Both ranks get SIGTERM twice: they exit at once, without a checkpoint; the rerun resumes
+    at the last step-interval checkpoint, two steps before the signal."""
+    args, ref_dir, ref = ddp_reference
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "run"
+    cmd = torchrun_cmd([*args, *run_folder(out), "--auto-resume", "--checkpoint-interval", "3"])
+
+    def twice(proc, ranks):
+        for _ in range(2):
+            for pid in children(proc.pid):
+                os.kill(pid, signal.SIGTERM)
+
+    rc, err, _ = interrupt(cmd, out, 1, twice, after=5)
+    assert rc != 0 and "second SIGTERM: exiting now" in err, err[-3000:]
+    finish(cmd)
+    assert_same_run(ref_dir, out)
+
+
+def test_window_and_epoch_losses_are_read_defensively():
+    assert window({"window": [torch.tensor(2.5), 3]}, "cpu")[1] == 3
+    assert window({"window": ["x", 3]}, "cpu") is None and window(None, "cpu") is None
+    assert epoch_losses({"epoch_losses": [1.0, 2.0]}) == [1.0, 2.0]
+    assert epoch_losses({"epoch_losses": "1.0"}) == [] and epoch_losses(None) == []
