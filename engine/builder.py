@@ -139,7 +139,7 @@ def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
         state = resume(run.resume, model, optimizer, precision, dev, restore_rng=d.main, model_name=m.model, ema=ema)
         pos = state["position"]
         epoch, step, progress = start_position(pos, run.resume, data, d, o.batch_size, cfg.run.allow_other_data)
-        mine = rankstate.restore(state["ranks"], model, ema, precision, d, run.resume)
+        mine = rankstate.restore(state.get("ranks"), model, ema, precision, d, run.resume)
         mid = step > 0 and step == pos.get("step")  # continuing inside the saved epoch
         start = Start(epoch, step, progress, run.resume, state["best_metric"], mine if mid else None,
                       tuple(rankstate.epoch_losses(pos)) if mid else ())

@@ -350,8 +350,8 @@ def resume(path: str, model, optimizer, precision, device: Device | None = None,
            restore_rng: bool = True, model_name: str | None = None, ema=None) -> dict:
     """Restore everything `CheckpointSaver.save` wrote; returns {'epoch': next epoch to run,
     'step': optimizer updates already done in it, 'position': the whole saved position (or
-    {'epoch', 'step'} for files without one), 'best_metric', 'config', 'metric', 'ranks' (the
-    per-rank states, or None)}. Call on every
+    {'epoch', 'step'} for files without one), 'best_metric', 'config', 'metric', and 'ranks' (the
+    per-rank states) when the file has them}. Call on every
     rank, after precision.prepare() and before wrapping the model in DDP/compile (wrappers are
     stripped either way). `ema` (the EMA module) gets `state_dict_ema`; from a checkpoint without
     one it starts from the resumed weights. Anything in the file that does not fit is one
@@ -395,7 +395,7 @@ def resume(path: str, model, optimizer, precision, device: Device | None = None,
     config = ckpt.get("config", {})
     return {"epoch": position["epoch"], "step": position["step"], "position": position,
             "best_metric": best, "config": config if isinstance(config, dict) else {},
-            "metric": ckpt.get("metric"), "ranks": ckpt.get("ranks")}
+            "metric": ckpt.get("metric"), **({"ranks": ckpt["ranks"]} if "ranks" in ckpt else {})}
 
 
 def timm_model_name(source: str) -> str | None:
