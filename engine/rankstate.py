@@ -61,7 +61,7 @@ def restore(ranks, model, ema, precision, d, path: str) -> dict | None:
     if not isinstance(ranks, list) or not all(isinstance(e, dict) for e in ranks):
         raise CheckpointError(f"checkpoint {path}: 'ranks' is not a list of per-rank states")
     if len(ranks) != d.world:
-        d.say(f"resume: {path} holds the per-rank state of {len(ranks)} processes, this run has {d.world}: "
+        d.say(f"per-rank state: {path} was written by {len(ranks)} processes, this run has {d.world}: "
               "every rank starts from rank 0's BatchNorm statistics and its own fresh random generators")
         return None
     entry = ranks[d.rank]
