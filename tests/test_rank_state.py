@@ -78,3 +78,31 @@ def test_window_and_epoch_losses_are_read_defensively():
     assert window({"window": ["x", 3]}, "cpu") is None and window(None, "cpu") is None
     assert epoch_losses({"epoch_losses": [1.0, 2.0]}) == [1.0, 2.0]
     assert epoch_losses({"epoch_losses": "1.0"}) == [] and epoch_losses(None) == []
+
+
+def _bn_model():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+
+
+def test_restore_gives_each_rank_its_own_buffers_and_refuses_damaged_ones(capsys):
+    from common.errors import CheckpointError
+    from engine.dist import Dist
+    from engine.rankstate import restore
+    from model.checkpoint import rng_state
+    from model.device import Device
+    theirs = _bn_model()
+    theirs[1].running_mean.fill_(3.0)
+    entry = {"buffers": {k: v.clone() for k, v in theirs.named_buffers()}, "ema_buffers": None,
+             "rng": rng_state(), "scaler": {}, "window": [torch.tensor(1.5), 2]}
+    mine, d1 = _bn_model(), Dist(1, 2, 1, 2, Device("cpu"))
+    assert restore([{"buffers": None}, entry], mine, None, None, d1, "x.pth") is entry
+    assert torch.equal(mine[1].running_mean, torch.full((4,), 3.0))
+    other = _bn_model()
+    assert restore([{"buffers": None}, entry], other, None, None, Dist(0, 1, 0, 1, Device("cpu")), "x.pth") is None
+    assert "written by 2 processes, this run has 1" in capsys.readouterr().out
+    assert torch.equal(other[1].running_mean, torch.zeros(4))  # rank 0's, as loaded from `model`
+    bad = {**entry, "buffers": {"1.running_mean": torch.zeros(7)}}
+    with pytest.raises(CheckpointError, match="rank 1's saved buffers do not fit"):
+        restore([{}, bad], _bn_model(), None, None, d1, "x.pth")
+    with pytest.raises(CheckpointError, match="not a list of per-rank states"):
+        restore("junk", _bn_model(), None, None, d1, "x.pth")
