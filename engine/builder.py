@@ -9,8 +9,6 @@ says what it made. `engine.trainer.Trainer(parts)` then runs the loops.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from model.schedule import LRSchedule, ScheduleConfig, scale_lr
 from pipeline.resolution import ResolutionSchedule
 
 from . import data as engine_data
+from . import rankstate
 from .config import Config, parse_interval
 from .control import Control
 from .data import Data
@@ -35,8 +34,9 @@ from .guards import sample_order
 from .inference import with_model_eval_defaults
 from .metrics import Metrics
 from .monitor import Monitor
-from .resolved import NOT_FLAGS, Resolved, plain_config, resolve
+from .resolved import Resolved, plain_config, resolve
 from .resume import start_position
+from .rundir import keep_config
 from .runtime import configure_torch, precision_for, resolve_threads
 
 
@@ -50,6 +50,8 @@ class Start:
     path: str | None = None
     best: float | None = None
     elastic: dict | None = None  # engine.resume.start_position: what the resumed epoch consumed / has left
+    rank_state: dict | None = None  # this rank's saved state (engine.rankstate), same world size only
+    epoch_losses: tuple = ()  # train losses logged before a mid-epoch checkpoint in its epoch
 
 
 @dataclass
@@ -158,7 +160,10 @@ def build_parts(run: Resolved, d: Dist, data: Data) -> Parts:
             d.say(f"resume: {run.resume} stopped inside an update of {o.grad_accum_steps} batches; continuing at "
                   f"the start of epoch {epoch + 1}")
             epoch, step, progress = epoch + 1, 0, None
-        start = Start(epoch, step, progress, run.resume, state["best_metric"], elastic)
+        mine = rankstate.restore(state.get("ranks"), model, ema, precision, d, run.resume)
+        mid = step > 0 and step == pos.get("step")  # continuing inside the saved epoch, on its plan
+        start = Start(epoch, step, progress, run.resume, state["best_metric"], elastic, mine if mid else None,
+                      tuple(rankstate.epoch_losses(pos)) if mid else ())
         d.say(f"resume: {run.resume}: resuming at epoch {epoch} step {step}/{steps_per_epoch}")
         resume_at = (epoch, pos.get("global_step", epoch * steps_per_epoch))
     if cfg.run.start_epoch is not None:  # timm's --start-epoch: wins over the checkpoint's epoch
@@ -219,13 +224,8 @@ def updates_per_epoch(batches: int, accum: int) -> int:
 def record_config(run: Resolved, run_dir: str | None, metrics: Metrics) -> None:
     """config.json and timm's args.yaml (loadable with -c) in the run folder, and a config row."""
     config = plain_config(run)
-    if run_dir:
-        import yaml
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        with open(os.path.join(run_dir, "args.yaml"), "w") as f:
-            yaml.safe_dump({k: v for k, v in config.items() if k not in NOT_FLAGS}, f, sort_keys=False)
+    if run_dir:  # a resume keeps the first start's files and records itself in resumes.jsonl
+        keep_config(run_dir, config, resumed=bool(run.resume))
     metrics.write(kind="config", time=time.time(), **config)  # the start, for time_to_accuracy
 
 

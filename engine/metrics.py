@@ -45,3 +45,23 @@ class Metrics:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def read_history(path: str | None) -> list:
+    """(epoch, kind, result) of every complete validation in a metrics.jsonl, in file order: the
+    record of the starts before a resume, so the run's best covers all of its epochs."""
+    history = []
+    if not path or not os.path.isfile(path):
+        return history
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if (isinstance(row, dict) and row.get("kind") in ("val", "val_ema") and row.get("complete", True)
+                    and isinstance(row.get("epoch"), int)
+                    and all(isinstance(row.get(k), (int, float)) for k in ("top1", "top5", "loss"))):
+                result = {k: row[k] for k in ("top1", "top5", "loss", "n") if k in row}
+                history.append((row["epoch"], row["kind"], {**result, "complete": True}))
+    return history

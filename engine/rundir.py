@@ -92,3 +92,50 @@ def resolve_run_dir(config) -> tuple[str | None, str | None, list[str]]:
         else:
             run_dir = _unique(os.path.join(root, run_name(config.network.model, config.data.img_size)))
     return run_dir, resume, [f"output: {run_dir}", *notes]
+
+
+# ---------------------------------------------------------------- the run's settings, kept
+RESUMES = "resumes.jsonl"
+NOT_IN_ARGS = ("notes", "run_dir", "resume", "auto_resume", "experiment")  # would resume, or refuse, a rerun
+
+
+def args_yaml(config: dict) -> dict:
+    """The settings of args.yaml: `-c args.yaml` reruns the run in a new folder (no resume flags,
+    no --experiment, which would name this run's folder)."""
+    return {k: v for k, v in config.items() if k not in NOT_IN_ARGS}
+
+
+def keep_config(run_dir: str, config: dict, resumed: bool, argv=None) -> None:
+    """config.json and args.yaml of the run's first start; a resume leaves them as they are and
+    appends a line to resumes.jsonl: time, command line, checkpoint and the settings it changed."""
+    import json
+    import sys
+
+    import yaml
+    os.makedirs(run_dir, exist_ok=True)
+    config_path, args_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "args.yaml")
+    original = None
+    if resumed and os.path.isfile(config_path):
+        try:
+            with open(config_path) as f:
+                original = json.load(f)
+        except (OSError, ValueError):
+            original = None
+    if original is None or not isinstance(original, dict):
+        _write(config_path, json.dumps(config, indent=2))
+    if not (resumed and os.path.isfile(args_path)):
+        _write(args_path, yaml.safe_dump(args_yaml(config), sort_keys=False))
+    if resumed:
+        changed = {k: [original.get(k), v] for k, v in args_yaml(config).items()
+                   if isinstance(original, dict) and original.get(k) != v}
+        row = {"time": time.time(), "argv": list(sys.argv if argv is None else argv),
+               "resume": config.get("resume"), "changed": changed}
+        with open(os.path.join(run_dir, RESUMES), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -18,15 +18,27 @@ from common.errors import DataLoadingError
 from model.schedule import total_epochs
 from pipeline.stream import STATS
 
+from . import rankstate
 from .builder import Parts, build_parts, updates_per_epoch
 from .control import Control, Preempted, reason
 from .data import Data
 from .dist import Dist, distribute_bn
 from .guards import LossGuard, NonFiniteLoss, sample_order, weights_finite
 from .inference import as_percent, evaluate
+from .metrics import read_history
 from .resolved import plain_config
 from .resume import elastic_record
 from .runtime import compute_settings
+
+
+def _first_apart(it):
+    """`it`, its first item fetched with the CPU generator forked: a DataLoader's first iteration
+    draws a seed from it, which a resumed process would draw again at another point of the run."""
+    with torch.random.fork_rng(devices=[]):
+        first = next(it, None)
+    if first is not None:
+        yield first
+        yield from it
 
 
 class Trainer:
@@ -47,7 +59,8 @@ class Trainer:
         self.saver, self.metrics, self.monitor = parts.saver, parts.metrics, parts.monitor
         self.start = parts.start
         self.totals = {"images": 0, "seconds": 0.0, "wait": 0.0, "loss": []}  # for the run summary
-        self.history = []  # (epoch, kind, result) of every complete validation of this run
+        # (epoch, kind, result) of every complete validation of this run, the starts before a resume too
+        self.history = read_history(self.metrics.path) if self.start.path else []
         self.control = None  # installed by fit()
         self.loss_guard = LossGuard(getattr(self.config, "nonfinite_loss", "stop"))
         self._where = (0, 0)  # (epoch, step) of the update being made, for the non-finite loss line
@@ -122,6 +135,7 @@ class Trainer:
         result, fit_start = None, time.perf_counter()
         self.control = self.parts.control
         self.control.install()
+        self.totals["loss"] = list(self.start.epoch_losses)  # logged before a mid-epoch checkpoint
         try:
             for epoch in range(self.start_epoch, stop):
                 start = self.start.step if epoch == self.start_epoch else 0
@@ -207,7 +221,7 @@ class Trainer:
                                 "(diverged); stopped without saving: lower --lr or check the data. The last "
                                 "checkpoint written is the last good one")
 
-    def save_position(self, epoch: int, step: int, consumed: int) -> None:
+    def save_position(self, epoch: int, step: int, consumed: int, window=None) -> None:
         """A checkpoint at `step` of `epoch` (every rank calls it at the same step): each rank's
         loader progress is gathered, rank 0 writes last.pth, and all wait for the write."""
         progress = getattr(self.data.train, "progress", None)
@@ -215,13 +229,15 @@ class Trainer:
         everyone = self.control.gather(mine)
         bitmap = getattr(self.data.train, "consumed_bitmap", None)
         elastic = self._elastic(epoch, self.control.gather(bitmap(consumed) if bitmap else None))
+        ranks = rankstate.gather(self, window)
         if self.saver:
             position = self._position(epoch, step, everyone)
+            position["epoch_losses"] = [float(x) for x in self.totals["loss"]]
             if elastic:
                 position["elastic"] = elastic
             self.saver.save(epoch - 1, self.plain, self.optimizer, self.precision, self.schedule,
                             plain_config(self.config), metric=None, position=position,
-                            ema=self.ema.module if self.ema is not None else None)
+                            ema=self.ema.module if self.ema is not None else None, ranks=ranks)
             self.d.say(f"checkpoint: {self.saver.last_path} (epoch {epoch} step {step}/{self.steps_per_epoch})")
         self.control.barrier()
         self.control.saved()
@@ -275,10 +291,14 @@ class Trainer:
         if self.control is None:  # train_epoch() called without fit()
             self.control = Control(d)
         control = self.control
-        it = iter(self.data.feed(loader))
+        it = _first_apart(iter(self.data.feed(loader)))
         loss_sum = torch.zeros((), device=self.dev.torch)
         window_start, wait, n_window, n_losses = time.perf_counter(), 0.0, 0, 0
         accum, tail = self.accum, steps % self.accum  # tail: batches of a shorter last update (timm's)
+        saved = rankstate.window(self.start.rank_state, self.dev.torch) if start and epoch == self.start_epoch else None
+        if saved is not None:  # the log window the checkpoint cut, so the next row averages the same steps
+            loss_sum, n_window = saved
+            n_losses = n_window
         for i in range(start, steps):
             t0 = time.perf_counter()
             batch = next(it, None)
@@ -325,7 +345,7 @@ class Trainer:
                 window_start, wait, n_window, n_losses = time.perf_counter(), 0.0, 0, 0
             if halt or save_now or (control.steps_due(global_step + 1) and i + 1 < steps):  # update boundaries
                 self.check_finite(loss_sum, epoch, i + 1)
-                self.save_position(epoch, i + 1, i + 1 - start)
+                self.save_position(epoch, i + 1, i + 1 - start, window=(loss_sum, n_losses))
                 if halt:
                     self._stop(halt, epoch, i + 1)
         extra = sum(1 for _ in it)  # 0 by construction; drains the prefetcher cleanly
@@ -341,7 +361,8 @@ class Trainer:
         was_training = model.training
         model.eval()
         # this rank's share
-        sums = evaluate(model, self.data.val_feed(self.data.val), self.precision, self.config.val_tta)
+        with torch.random.fork_rng(devices=[]):  # validation leaves the training draws as they were
+            sums = evaluate(model, self.data.val_feed(self.data.val), self.precision, self.config.val_tta)
         model.train(was_training)
         totals = dict(zip(("n", "loss", "top1", "top5"),
                           self.d.all_reduce([sums[k] for k in ("n", "loss", "top1", "top5")])))
@@ -390,13 +411,14 @@ class Trainer:
     def save(self, epoch: int, result: dict | None) -> None:
         if self.saver is not None or self.d.world > 1:  # every rank joins the check's all-reduce
             self.check_finite(torch.zeros(()), epoch, 0)
+        ranks = rankstate.gather(self) if self.control is not None else None  # every rank, then rank 0 saves
         if not self.saver:
             return
         best = self.saver.save(epoch, self.plain, self.optimizer, self.precision, self.schedule,
                                plain_config(self.config), metric=self.eval_value(result),
                                higher_is_better=self.config.eval_metric != "loss",
                                position=self._position(epoch + 1, 0, None),
-                               ema=self.ema.module if self.ema is not None else None)
+                               ema=self.ema.module if self.ema is not None else None, ranks=ranks)
         self.d.say(f"checkpoint: {self.saver.last_path}{' (new best)' if best else ''}")
         if self.control:
             self.control.saved()

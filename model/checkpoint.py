@@ -10,6 +10,8 @@ A checkpoint is a dict of tensors and plain Python values only:
   rng          python `random`, numpy (as lists), torch CPU and accelerator generator states
   metric       this epoch's metric; best_metric  the best so far
   state_dict_ema  with --model-ema: the EMA weights (timm's key; timm's loaders prefer it)
+  ranks        per-rank state beside rank 0's `model` (engine.rankstate: each rank's BN buffers,
+               RNG, loss scaler, log window); optional
   position     where training resumes: {"epoch", "step" (optimizer updates done in that epoch),
                "global_step", "steps_per_epoch", "world", "workers", "batch_size", "progress"
                (each rank's loader workers' [batches, taken, padded]), "data" (the data set's
@@ -294,9 +296,10 @@ class CheckpointSaver:
 
     def save(self, epoch: int, model, optimizer, precision, schedule, config: dict,
              metric: float | None = None, higher_is_better: bool = True, position: dict | None = None,
-             ema=None) -> bool:
+             ema=None, ranks: list | None = None) -> bool:
         """Returns True when this epoch became best.pth. A mid-epoch save passes `position`
-        (and epoch = the last finished epoch) and no metric; `ema` is the EMA module, if any."""
+        (and epoch = the last finished epoch) and no metric; `ema` is the EMA module, if any;
+        `ranks` the per-rank states (saved as they are: tensors and plain values)."""
         self.higher_is_better = higher_is_better
         is_best = self._improves(metric, higher_is_better)
         if is_best:
@@ -323,6 +326,8 @@ class CheckpointSaver:
             state["state_dict_ema"] = unwrap_model(ema).state_dict()
         if position is not None:
             state["position"] = _plain(position)
+        if ranks is not None:
+            state["ranks"] = ranks
         state.update(self.extra)
         save_checkpoint(self.last_path, state)
         if is_best:  # the same bytes: a hard link (no second copy), replaced atomically
@@ -386,7 +391,8 @@ def resume(path: str, model, optimizer, precision, device: Device | None = None,
     """Restore everything `CheckpointSaver.save` wrote; returns {'epoch': next epoch to run,
     'step': optimizer updates already done in it, 'position': the whole saved position (or
     {'epoch', 'step'} for files without one), 'best_metric', 'config', 'metric', 'schedule' (the
-    LRSchedule state, for its load_state_dict)}; `optimizer` None restores no optimizer state. Call on every
+    LRSchedule state, for its load_state_dict), and 'ranks' (the per-rank states) when the file has
+    them}; `optimizer` None restores no optimizer state. Call on every
     rank, after precision.prepare() and before wrapping the model in DDP/compile (wrappers are
     stripped either way). `ema` (the EMA module) gets `state_dict_ema`; from a checkpoint without
     one it starts from the resumed weights. Anything in the file that does not fit is one
@@ -434,7 +440,8 @@ def resume(path: str, model, optimizer, precision, device: Device | None = None,
     schedule = ckpt.get("schedule")
     return {"epoch": position["epoch"], "step": position["step"], "position": position,
             "best_metric": best, "config": config if isinstance(config, dict) else {},
-            "metric": ckpt.get("metric"), "schedule": schedule if isinstance(schedule, dict) else {}}
+            "metric": ckpt.get("metric"), "schedule": schedule if isinstance(schedule, dict) else {},
+            **({"ranks": ckpt["ranks"]} if "ranks" in ckpt else {})}
 
 
 def timm_model_name(source: str) -> str | None:
