@@ -278,11 +278,11 @@ def test_skip_mode_trains_through_a_bad_batch(tmp_path, capsys, demo_shards, mon
     real = trainer_module.Trainer.step
     calls = {"n": 0}
 
-    def poisoned(self, images, labels, global_step):
+    def poisoned(self, images, labels, global_step, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
             images = images * float("nan")
-        return real(self, images, labels, global_step)
+        return real(self, images, labels, global_step, **kw)
     monkeypatch.setattr(trainer_module.Trainer, "step", poisoned)
     run = tmp_path / "runs" / "skip"
     code, out, err = run_main(["--data_path", str(demo_shards), *SMALL, "--epochs", "1", "--nonfinite-loss", "skip",

@@ -42,10 +42,10 @@ def runs(demo_shards, tmp_path_factory):
     first = (run / "args.yaml").read_text(), (run / "config.json").read_text()
     step = Trainer.step
 
-    def stop_at(self, images, labels, global_step):
+    def stop_at(self, images, labels, global_step, **kw):
         if global_step + 1 == STOP_AT:
             os.kill(os.getpid(), signal.SIGTERM)
-        return step(self, images, labels, global_step)
+        return step(self, images, labels, global_step, **kw)
     try:
         Trainer.step = stop_at
         with pytest.raises(Preempted):
