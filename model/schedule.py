@@ -61,6 +61,7 @@ from model.recipe import (  # the schedule's defaults live with the recipe (impo
     DEFAULT_WARMUP_LR,
     LINEAR_STEP_START,
     SCHEDULES,
+    peak_epoch_ok,
 )
 
 # The names ScheduleConfig takes.
@@ -107,7 +108,7 @@ class ScheduleConfig:
         if self.steps_per_epoch < 1 or self.epochs < 1:
             raise ConfigError(f"the LR schedule needs epochs >= 1 and steps_per_epoch >= 1 "
                              f"(got {self.epochs} and {self.steps_per_epoch})")
-        if self.sched == "linear-step" and not 0 <= self.peak_epoch < self.epochs:
+        if not peak_epoch_ok(self.sched, self.peak_epoch, self.epochs):  # the rule: model/recipe.py
             raise ConfigError(f"linear-step's lr-peak-epoch must be in [0, epochs) "
                              f"(got {self.peak_epoch} with {self.epochs} epochs)")
 
