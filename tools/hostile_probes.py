@@ -340,6 +340,15 @@ def shards_through_links(c):
     return f"exit {code}, {n} train samples (6 real)", code == 0 and n == 6
 
 
+def _loads(path: str) -> bool:
+    """A complete checkpoint: it loads as the trainer loads it."""
+    import torch
+    try:
+        return isinstance(torch.load(path, map_location="cpu", weights_only=True).get("model"), dict)
+    except Exception:
+        return False
+
+
 def _signalled(c, args, twice: bool):
     """(exit status, stderr) of a run sent SIGTERM (twice: a second one 0.2 s later) at its first step."""
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=c.env, cwd=c.tmp)
@@ -357,7 +366,7 @@ def _signalled(c, args, twice: bool):
 
 
 @probe("SIGTERM, then SIGTERM twice after --auto-resume",
-       "exit 75 with a resumable last.pth; then exit 143 at once, one line, last.pth kept, no .tmp")
+       "exit 75 with a resumable last.pth; then exit 143 at once, one line, a complete last.pth, no .tmp")
 def sigterm_twice(c):
     run = c.path("runs", "term")
     args = [sys.executable, os.path.join(ROOT, "train_stream.py"), "--data_path", c.data, *SMALL[:-1], "50",
@@ -366,7 +375,7 @@ def sigterm_twice(c):
     last = os.path.join(run, "last.pth")
     saved = open(last, "rb").read() if os.path.exists(last) else None
     code2, err2 = _signalled(c, args, twice=True)
-    kept = saved is not None and os.path.exists(last) and open(last, "rb").read() == saved
+    kept = saved is not None and _loads(last)  # the old one, or the new one if the first stop finished its write
     tmp = [f for f in os.listdir(run) if f.endswith(".tmp")] if os.path.isdir(run) else []
     # a second signal during a checkpoint write exits at once and may leave its temporary: the
     # next start removes it (CheckpointSaver), as a rerun would
@@ -374,8 +383,11 @@ def sigterm_twice(c):
     removed = CheckpointSaver(run).removed if tmp else 0
     after = [f for f in os.listdir(run) if f.endswith(".tmp")] if os.path.isdir(run) else []
     got = (f"exit {code1}{', last.pth' if saved else ''}; then exit {code2}, {len(messages(err2))} line(s)"
-           f"{', last.pth kept' if kept else ''}{f', {removed} .tmp removed at the next start' if tmp else ''}")
-    held = code1 == 75 and saved is not None and code2 == 128 + signal.SIGTERM and kept and not after \
+           f"{', a complete last.pth' if kept else ''}{f', {removed} .tmp removed at the next start' if tmp else ''}")
+    # 143: our handler's exit; -15: the signal's own default action once the checkpoint is written and
+    # the handlers are gone (shutting down). A shell or scheduler sees 143 for both.
+    held = code1 == 75 and saved is not None and code2 in (128 + signal.SIGTERM, -signal.SIGTERM) and kept \
+        and not after \
         and "Traceback" not in err1 + err2 and len(messages(err2)) == 1
     return got, held
 
