@@ -157,6 +157,17 @@ def eval_settings(loaded: Loaded, img_size=None, crop_pct=None, interpolation=No
 
 
 # ---------------------------------------------------------------- images from files
+def eval_mean_std(loaded: Loaded) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation a model was trained with: the run's --mean/--std when its checkpoint
+    records them, else the model's pretrained config (timm's resolve_data_config), else ImageNet's."""
+    from pipeline.autoaugment import resolve_mean_std
+    cfg = loaded.config
+    if cfg.get("mean") is not None or cfg.get("std") is not None:
+        return resolve_mean_std(cfg.get("mean"), cfg.get("std"))
+    pretrained = getattr(loaded.model, "pretrained_cfg", None) or {}
+    return resolve_mean_std(pretrained.get("mean"), pretrained.get("std"))
+
+
 def class_folders(root: str) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 

@@ -160,3 +160,16 @@ def test_validate_uses_the_models_geometry_end_to_end(demo_folder, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["img_size"], result["crop_pct"], result["interpolation"]) == (224, 0.95, "bicubic")
     assert result["n"] == result["images_expected"] > 0
+
+
+def test_eval_normalisation_is_the_one_the_run_trained_with():
+    """validate/predict/export normalise as the run did: its --mean/--std, else the model's
+    pretrained config, else ImageNet's."""
+    from engine.inference import Loaded, eval_mean_std
+    from pipeline.autoaugment import resolve_mean_std
+    model = torch.nn.Linear(1, 1)
+    assert eval_mean_std(Loaded(model, "m", 2, [], {"mean": [0.5], "std": [0.25]}, "ckpt")) == \
+        ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert eval_mean_std(Loaded(model, "m", 2, [], {}, "ckpt")) == resolve_mean_std(None, None)  # ImageNet's
+    model.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # e.g. an inception-style model
+    assert eval_mean_std(Loaded(model, "m", 2, [], {}, "ckpt")) == ((0.5,) * 3, (0.5,) * 3)

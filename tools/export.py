@@ -5,8 +5,8 @@
     python tools/export.py runs/r50/best.pth -o r50.onnx --img-size 224 --opset 18
     python tools/export.py resnet50.gluon_in1k --pretrained -o r50_timm.onnx
 
-The graph takes `images`: float32 NCHW, already normalised with the ImageNet mean/std (as timm
-models do), any batch size; it returns `logits`. The file's metadata records the mean, std,
+The graph takes `images`: float32 NCHW, already normalised with the mean/std the model was trained
+with (the run's --mean/--std, else the model's pretrained config, else ImageNet's), any batch size; it returns `logits`. The file's metadata records the mean, std,
 input size, crop fraction, interpolation and class names, so a serving stack can rebuild the
 eval transform. Unless --no-check, onnxruntime (installable from PyPI) runs the exported graph
 on random batches of two sizes and the tool fails if its logits differ from PyTorch's by more
@@ -88,15 +88,15 @@ def main(argv=None) -> int:
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest allowed logit difference (default: 1e-3)")
     args = p.parse_args(argv)
     try:
-        from engine.inference import eval_settings, load_model
+        from engine.inference import eval_mean_std, eval_settings, load_model
         from model.checkpoint import timm_model_name
-        from pipeline.prefetch import IMAGENET_MEAN, IMAGENET_STD
         loaded = load_model(args.checkpoint, model_name=args.model or timm_model_name(args.checkpoint),
                             pretrained=args.pretrained, ema=args.use_ema)
         size, crop_pct, interp = eval_settings(loaded, args.img_size)
+        mean, std = eval_mean_std(loaded)
         export(loaded, args.output, size, args.opset)
         add_metadata(args.output, {"model": loaded.name, "source": loaded.source, "input_size": [3, size, size],
-                                   "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                                   "mean": list(mean), "std": list(std),
                                    "crop_pct": crop_pct, "interpolation": interp,
                                    "classes": loaded.classes or list(range(loaded.num_classes))})
         note = ""

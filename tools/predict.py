@@ -78,7 +78,7 @@ def check_weights(args) -> None:
 def predict(args) -> None:
     import torch
 
-    from engine.inference import eval_settings, expand_images, file_loader, load_model
+    from engine.inference import eval_mean_std, eval_settings, expand_images, file_loader, load_model
     from model.checkpoint import timm_model_name
     from model.device import resolve_device
     from pipeline.prefetch import Normalize
@@ -92,7 +92,7 @@ def predict(args) -> None:
     if not paths:
         raise DataError("no image files found in " + ", ".join(args.images))
     transform = EvalTransform(*eval_settings(loaded))
-    normalize = Normalize(dev.torch)
+    normalize = Normalize(dev.torch, *eval_mean_std(loaded))
     k = min(args.top, loaded.num_classes)
     with torch.no_grad():
         for images, _, good, bad in file_loader([(q, 0) for q in paths], transform, args.batch_size, 0):

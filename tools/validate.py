@@ -98,7 +98,7 @@ def eval_geometry(loaded, img_size=None, crop_pct=None, interpolation=None,
 
 def run(args) -> dict:
     from common.host import default_workers
-    from engine.inference import as_percent, evaluate, load_model
+    from engine.inference import as_percent, eval_mean_std, evaluate, load_model
     from model.checkpoint import timm_model_name
     from model.device import resolve_device
     from model.precision import resolve_precision
@@ -120,7 +120,7 @@ def run(args) -> dict:
     batches, expected, classes = batches_for(data, loaded.classes, transform, batch, workers, dev.pin_memory())
     if classes and len(classes) != loaded.num_classes:
         raise DataError(f"{data} has {len(classes)} classes but the model has {loaded.num_classes}")
-    feed = DevicePrefetcher(dev, Normalize(dev.torch))
+    feed = DevicePrefetcher(dev, Normalize(dev.torch, *eval_mean_std(loaded)))
     t0 = time.perf_counter()
     tta = args.tta or cfg.get("val_tta") or "none"
     sums = evaluate(loaded.model, feed(batches), precision, tta)
