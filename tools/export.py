@@ -8,9 +8,10 @@
 The graph takes `images`: float32 NCHW, already normalised with the mean/std the model was trained
 with (the run's --mean/--std, else the model's pretrained config, else ImageNet's), any batch
 size; it returns `logits`. The file's metadata records the mean, std, input size, crop fraction,
-interpolation and class names, so a serving stack can rebuild the eval transform. Unless --no-check, onnxruntime (installable from PyPI) runs the exported graph
-on random batches of two sizes and the tool fails if its logits differ from PyTorch's by more
-than --tolerance. Needs the `onnx` and `onnxscript` packages (torch's exporter).
+interpolation and class names, so a serving stack can rebuild the eval transform. Unless
+--no-check, onnxruntime (installable from PyPI) runs the exported graph on random batches of two
+sizes and the tool fails if its logits differ from PyTorch's by more than --tolerance. Needs the
+`onnx` and `onnxscript` packages (torch's exporter).
 """
 from __future__ import annotations
 
