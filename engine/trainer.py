@@ -225,11 +225,12 @@ class Trainer:
         """A checkpoint at `step` of `epoch` (every rank calls it at the same step): each rank's
         loader progress is gathered, rank 0 writes last.pth, and all wait for the write."""
         progress = getattr(self.data.train, "progress", None)
-        mine = progress(consumed) if progress else None
-        everyone = self.control.gather(mine)
         bitmap = getattr(self.data.train, "consumed_bitmap", None)
-        elastic = self._elastic(epoch, self.control.gather(bitmap(consumed) if bitmap else None))
-        ranks = rankstate.gather(self, window)
+        # one gather of everything a rank adds: loader progress, consumed samples, its own state
+        gathered = self.control.gather((progress(consumed) if progress else None,
+                                        bitmap(consumed) if bitmap else None, rankstate.mine(self, window)))
+        everyone, bitmaps, ranks = (list(column) for column in zip(*gathered))
+        elastic = self._elastic(epoch, bitmaps)
         if self.saver:
             position = self._position(epoch, step, everyone)
             position["epoch_losses"] = [float(x) for x in self.totals["loss"]]
