@@ -11,6 +11,7 @@ val/<wnid>/<file>), so the archives give the same shards as their extracted fold
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -44,13 +45,24 @@ def _open_tar(path, fileobj=None, what=None):
         raise ShardError(f"{where} is not an uncompressed tar archive ({e})") from None
 
 
+@contextlib.contextmanager
+def _read_errors(path):
+    """A tar that breaks while it is read is one line naming it."""
+    try:
+        yield
+    except tarfile.TarError as e:
+        raise ShardError(f"{path} is damaged: {e}") from None
+    except OSError as e:
+        raise ShardError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def list_train_tar(path, is_image):
     """{wnid: [(rel, size, (path, offset, size))]} and [ignored names] of a tar of class tars
     (ILSVRC2012_img_train.tar: n01440764.tar, ...) or of class folders (n01440764/x.JPEG)."""
     path = os.path.abspath(path)
     base = os.path.basename(path)
     classes, ignored = {}, []
-    try:
+    with _read_errors(path):
         with _open_tar(path) as outer:
             for m in _members(outer):
                 name = m.name.strip("/")
@@ -75,10 +87,6 @@ def list_train_tar(path, is_image):
                     classes.setdefault(wnid, []).append((f"train/{name}", m.size, (path, m.offset_data, m.size)))
                 else:
                     ignored.append(f"{base}/{name}")
-    except tarfile.TarError as e:
-        raise ShardError(f"{path} is damaged: {e}") from None
-    except OSError as e:
-        raise ShardError(f"cannot read {path}: {e.strerror or e}") from None
     return classes, ignored
 
 
@@ -87,7 +95,7 @@ def list_flat_tar(path, is_image):
     (ILSVRC2012_img_val.tar: ILSVRC2012_val_00000001.JPEG, ...)."""
     path = os.path.abspath(path)
     files, ignored = [], []
-    try:
+    with _read_errors(path):
         with _open_tar(path) as tar:
             for m in _members(tar):
                 name = m.name.strip("/")
@@ -97,10 +105,6 @@ def list_flat_tar(path, is_image):
                     files.append((os.path.basename(name), m.size, (path, m.offset_data, m.size)))
                 else:
                     ignored.append(f"{os.path.basename(path)}/{name}")
-    except tarfile.TarError as e:
-        raise ShardError(f"{path} is damaged: {e}") from None
-    except OSError as e:
-        raise ShardError(f"cannot read {path}: {e.strerror or e}") from None
     return files, ignored
 
 
